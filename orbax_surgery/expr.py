@@ -1,0 +1,419 @@
+"""Lazy array expressions over checkpoint arrays: the values a plan computes.
+
+Every node knows its shape and dtype without data, maps a region of itself to
+the regions of the stored arrays it needs (`requests`), computes that region
+(`evaluate`, async, reading through an `EvalContext`), and has an obviously
+correct whole-array NumPy reference (`eager`) that tests compare against.
+Building or slicing an expression never reads anything.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import jax
+import numpy as np
+
+from orbax_surgery import regions
+from orbax_surgery.errors import ShapeMismatchError
+from orbax_surgery.keys import KeyPath
+from orbax_surgery.regions import Region, Shape
+
+Kind = Literal['jax.Array', 'np.ndarray', 'scalar']
+"""How a value comes back from a plain Orbax restore, named as Orbax names it."""
+
+
+if TYPE_CHECKING:
+    from orbax_surgery.value_fns import Apply
+
+
+class EvalContext(Protocol):
+    """Where evaluation gets stored data, and memoizes whole-array functions."""
+
+    async def read(self, source: Source, region: Region) -> np.ndarray: ...
+
+    async def whole(self, node: Apply) -> np.ndarray: ...
+
+
+class Expr(abc.ABC):
+    """A lazily computed array."""
+
+    shape: Shape
+    dtype: np.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return ()
+
+    @property
+    def lazy(self) -> bool:
+        """True when any region can be computed from just the data it needs."""
+        return all(c.lazy for c in self.children)
+
+    @property
+    def kind(self) -> Kind:
+        kinds = [c.kind for c in self.children]
+        return 'jax.Array' if 'jax.Array' in kinds or not kinds else kinds[0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def sources(self) -> Iterator[Source]:
+        """Every stored array this expression reads (with repeats)."""
+        for c in self.children:
+            yield from c.sources()
+
+    @abc.abstractmethod
+    def requests(self, region: Region) -> Iterator[tuple[Source, Region]]:
+        """The stored regions that computing `region` of this array reads."""
+
+    @abc.abstractmethod
+    async def evaluate(self, region: Region, ctx: EvalContext) -> np.ndarray:
+        """Computes `region` of this array, reading only what it needs."""
+
+    @abc.abstractmethod
+    def eager(self, values: Mapping[KeyPath, Any]) -> np.ndarray:
+        """Reference result from whole source arrays, for tests."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A short formula, e.g. `transpose(embed/embedding, (1, 0))`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source(Expr):
+    """An array stored in the checkpoint under `key`."""
+
+    key: KeyPath
+    shape: Shape
+    dtype: np.dtype
+    chunk_shape: Shape | None = None
+    stored_kind: Kind = 'jax.Array'
+
+    @property
+    def kind(self) -> Kind:
+        return self.stored_kind
+
+    def sources(self) -> Iterator[Source]:
+        yield self
+
+    def requests(self, region):
+        yield self, region
+
+    async def evaluate(self, region, ctx):
+        return await ctx.read(self, region)
+
+    def eager(self, values):
+        return np.asarray(values[self.key])
+
+    def describe(self):
+        return self.key
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(Expr):
+    """A value given in memory (a target's fallback value), not read from disk."""
+
+    value: Any = dataclasses.field(compare=False, repr=False)
+    label: str = 'target value'
+
+    @functools.cached_property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return tuple(np.shape(self.value))
+
+    @functools.cached_property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return np.dtype(getattr(self.value, 'dtype', None) or np.asarray(self.value).dtype)
+
+    @property
+    def kind(self) -> Kind:
+        if isinstance(self.value, jax.Array):
+            return 'jax.Array'
+        return 'np.ndarray' if isinstance(self.value, np.ndarray) else 'scalar'
+
+    def requests(self, region):
+        return iter(())
+
+    async def evaluate(self, region, ctx):
+        return np.asarray(regions.take(np.asarray(self.value), region))
+
+    def eager(self, values):
+        return np.asarray(self.value)
+
+    def describe(self):
+        return self.label
+
+
+@dataclasses.dataclass(frozen=True)
+class Index(Expr):
+    """Basic indexing: per axis an int (the axis goes) or a range of indices."""
+
+    base: Expr
+    index: tuple[int | range, ...]
+
+    @staticmethod
+    def of(base: Expr, index: Any) -> Index:
+        """Builds `base[index]` from a NumPy basic index (ints, slices, `...`)."""
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            fill = (slice(None),) * (len(base.shape) - len(index) + 1)
+            index = index[:at] + fill + index[at + 1 :]
+        if len(index) > len(base.shape):
+            raise ShapeMismatchError(
+                f'Index {index!r} has {len(index)} entries but {base.describe()!r} has shape '
+                f'{base.shape}.'
+            )
+        index = index + (slice(None),) * (len(base.shape) - len(index))
+        norm: list[int | range] = []
+        for axis, (i, n) in enumerate(zip(index, base.shape, strict=True)):
+            if isinstance(i, slice):
+                norm.append(range(n)[i])
+            elif not isinstance(i, int | np.integer) or isinstance(i, bool):
+                raise ShapeMismatchError(
+                    f'Index entry {i!r} is not an int or a slice; only basic indexing is lazy '
+                    f'(indexing {base.describe()!r}).'
+                )
+            elif -n <= i < n:
+                norm.append(int(i) % n)
+            else:
+                raise ShapeMismatchError(
+                    f'Index {i!r} is out of range for axis {axis} of size {n} of '
+                    f'{base.describe()!r} (shape {base.shape}).'
+                )
+        return Index(base, tuple(norm))
+
+    @functools.cached_property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return tuple(len(i) for i in self.index if isinstance(i, range))
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def _input_region(self, region: Region) -> Region:
+        out = iter(region)
+        return tuple(
+            range(i, i + 1) if isinstance(i, int) else regions.compose(i, next(out))
+            for i in self.index
+        )
+
+    def requests(self, region):
+        return self.base.requests(self._input_region(region))
+
+    async def evaluate(self, region, ctx):
+        block = await self.base.evaluate(self._input_region(region), ctx)
+        return block.reshape(regions.shape_of(region))
+
+    def eager(self, values):
+        sel = tuple(i if isinstance(i, int) else regions.to_slice(i) for i in self.index)
+        return self.base.eager(values)[sel]
+
+    def describe(self):
+        parts = [str(i) if isinstance(i, int) else range_str(i) for i in self.index]
+        return f'{self.base.describe()}[{", ".join(parts)}]'
+
+
+@dataclasses.dataclass(frozen=True)
+class Transpose(Expr):
+    """Permutes axes: output axis k is input axis `axes[k]`."""
+
+    base: Expr
+    axes: tuple[int, ...]
+
+    @functools.cached_property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return tuple(self.base.shape[a] for a in self.axes)
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def _input_region(self, region: Region) -> Region:
+        inverse = np.argsort(self.axes)
+        return tuple(region[k] for k in inverse)
+
+    def requests(self, region):
+        return self.base.requests(self._input_region(region))
+
+    async def evaluate(self, region, ctx):
+        return (await self.base.evaluate(self._input_region(region), ctx)).transpose(self.axes)
+
+    def eager(self, values):
+        return np.transpose(self.base.eager(values), self.axes)
+
+    def describe(self):
+        return f'transpose({self.base.describe()}, {self.axes})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape(Expr):
+    """Reshapes in C order, reading only the elements a region needs."""
+
+    base: Expr
+    shape: Shape
+
+    @functools.cached_property
+    def _map(self) -> regions.ReshapeMap:
+        return regions.ReshapeMap(self.base.shape, self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def requests(self, region):
+        return self.base.requests(self._map.input_region(region)[0])
+
+    async def evaluate(self, region, ctx):
+        in_region, gathers = self._map.input_region(region)
+        block = await self.base.evaluate(in_region, ctx)
+        return self._map.finish(block, region, gathers)
+
+    def eager(self, values):
+        return np.reshape(self.base.eager(values), self.shape)
+
+    def describe(self):
+        return f'reshape({self.base.describe()}, {self.shape})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast(Expr):
+    """Converts to `dtype` as NumPy's `astype` does (round to nearest even)."""
+
+    base: Expr
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return self.base.shape
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def requests(self, region):
+        return self.base.requests(region)
+
+    async def evaluate(self, region, ctx):
+        return (await self.base.evaluate(region, ctx)).astype(self.dtype)
+
+    def eager(self, values):
+        return self.base.eager(values).astype(self.dtype)
+
+    def describe(self):
+        return f'cast({self.base.describe()}, {self.dtype.name})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack(Expr):
+    """Stacks equally shaped arrays along a new axis."""
+
+    parts: tuple[Expr, ...]
+    axis: int
+
+    @functools.cached_property
+    def shape(self) -> Shape:  # type: ignore[override]
+        inner = self.parts[0].shape
+        return inner[: self.axis] + (len(self.parts),) + inner[self.axis :]
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.parts[0].dtype
+
+    @property
+    def children(self):
+        return self.parts
+
+    def _split(self, region: Region) -> tuple[range, Region]:
+        return region[self.axis], region[: self.axis] + region[self.axis + 1 :]
+
+    def requests(self, region):
+        which, rest = self._split(region)
+        for k in which:
+            yield from self.parts[k].requests(rest)
+
+    async def evaluate(self, region, ctx):
+        which, rest = self._split(region)
+        if not which:
+            return np.empty(regions.shape_of(region), self.dtype)
+        blocks = await asyncio.gather(*(self.parts[k].evaluate(rest, ctx) for k in which))
+        return np.stack(blocks, axis=self.axis)
+
+    def eager(self, values):
+        return np.stack([p.eager(values) for p in self.parts], axis=self.axis)
+
+    def describe(self):
+        return f'stack({list_str(self.parts)}, axis={self.axis})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat(Expr):
+    """Concatenates arrays along an existing axis."""
+
+    parts: tuple[Expr, ...]
+    axis: int
+
+    @functools.cached_property
+    def shape(self) -> Shape:  # type: ignore[override]
+        inner = self.parts[0].shape
+        total = sum(p.shape[self.axis] for p in self.parts)
+        return inner[: self.axis] + (total,) + inner[self.axis + 1 :]
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.parts[0].dtype
+
+    @property
+    def children(self):
+        return self.parts
+
+    def _pieces(self, region: Region) -> Iterator[tuple[Expr, Region]]:
+        sizes = [p.shape[self.axis] for p in self.parts]
+        for piece, _, sub in regions.pieces(region[self.axis], sizes):
+            yield self.parts[piece], region[: self.axis] + (sub,) + region[self.axis + 1 :]
+
+    def requests(self, region):
+        for part, sub in self._pieces(region):
+            yield from part.requests(sub)
+
+    async def evaluate(self, region, ctx):
+        jobs = [part.evaluate(sub, ctx) for part, sub in self._pieces(region)]
+        if not jobs:
+            return np.empty(regions.shape_of(region), self.dtype)
+        return np.concatenate(await asyncio.gather(*jobs), axis=self.axis)
+
+    def eager(self, values):
+        return np.concatenate([p.eager(values) for p in self.parts], axis=self.axis)
+
+    def describe(self):
+        return f'concat({list_str(self.parts)}, axis={self.axis})'
+
+
+def range_str(r: range) -> str:
+    step = f':{r.step}' if r.step != 1 else ''
+    return f'{r.start}:{r.stop}{step}' if r else '0:0'
+
+
+def list_str(parts: Sequence[Expr], limit: int = 3) -> str:
+    if len(parts) <= limit:
+        return ', '.join(p.describe() for p in parts)
+    return f'{parts[0].describe()}, ..., {parts[-1].describe()} ({len(parts)})'

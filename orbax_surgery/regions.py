@@ -1,0 +1,254 @@
+"""Regions of arrays: one `range` of indices per axis, and how ops map them.
+
+A region is what a shard asks of an array. Ranges compose exactly (a strided
+slice of a strided slice is a strided slice), may run backwards, and know their
+length, so requests travel from a target shard down to the stored chunks
+without over-reading.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+Region = tuple[range, ...]
+Shape = tuple[int, ...]
+
+
+def full(shape: Sequence[int]) -> Region:
+    """The region covering all of an array of `shape`."""
+    return tuple(range(n) for n in shape)
+
+
+def from_index(index: Sequence[slice | int], shape: Sequence[int]) -> Region:
+    """The region a NumPy-style tuple of slices selects (None, negatives allowed).
+
+    Example:
+        >>> from_index((slice(None), slice(2, 4)), (3, 8))
+        (range(0, 3), range(2, 4))
+    """
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for i, n in zip(index, shape, strict=True):
+        if isinstance(i, slice):
+            out.append(range(n)[i])
+        else:
+            out.append(range(n)[i : i + 1 if i != -1 else None])
+    return tuple(out)
+
+
+def shape_of(region: Region) -> Shape:
+    """The shape of the block a region selects."""
+    return tuple(len(r) for r in region)
+
+
+def size_of(region: Region) -> int:
+    """The number of elements a region selects."""
+    return math.prod(len(r) for r in region)
+
+
+def compose(outer: range, request: range) -> range:
+    """Elements `request` of the index sequence `outer`, as one range.
+
+    Example:
+        >>> compose(range(10, 50, 2), range(3, 7))
+        range(16, 24, 2)
+    """
+    if not request:
+        return range(outer.start, outer.start)
+    start = outer[request[0]]
+    step = outer.step * request.step
+    return range(start, start + step * len(request), step)
+
+
+def ascending(r: range) -> range:
+    """The same indices in increasing order."""
+    return r if r.step > 0 or len(r) <= 1 else r[::-1]
+
+
+def to_slice(r: range) -> slice:
+    """A slice selecting `r` from a NumPy axis (stop may not wrap to -1).
+
+    Example:
+        >>> import numpy as np
+        >>> np.arange(5)[to_slice(range(3, -1, -1))]
+        array([3, 2, 1, 0])
+    """
+    if not r:
+        return slice(0, 0)
+    stop: int | None = r[-1] + (1 if r.step > 0 else -1)
+    if stop is not None and stop < 0:
+        stop = None
+    return slice(r[0], stop, r.step)
+
+
+def take(array: np.ndarray, region: Region) -> np.ndarray:
+    """Selects `region` from an in-memory array (a view where NumPy allows)."""
+    return array[tuple(to_slice(r) for r in region)]
+
+
+def split_ascending(region: Region) -> tuple[Region, tuple[int, ...]]:
+    """The region with every range ascending, and the axes to flip afterwards."""
+    flips = tuple(axis for axis, r in enumerate(region) if r.step < 0 and len(r) > 1)
+    return tuple(ascending(r) for r in region), flips
+
+
+def pieces(request: range, sizes: Sequence[int]) -> Iterator[tuple[int, range, range]]:
+    """Splits a request along a concatenated axis into per-piece requests.
+
+    Yields `(piece, positions, request_in_piece)` in output order, where
+    `positions` are the indices within `request` that the piece provides.
+
+    Example:
+        >>> [(p, list(k), list(r)) for p, k, r in pieces(range(1, 6, 2), [2, 4])]
+        [(0, [0], [1]), (1, [1, 2], [1, 3])]
+    """
+    found = []
+    offset = 0
+    for piece, n in enumerate(sizes):
+        lo, hi = _positions_within(request, offset, offset + n)
+        if lo < hi:
+            positions = range(lo, hi)
+            sub = compose(request, positions)
+            found.append(
+                (lo, piece, positions, range(sub.start - offset, sub.stop - offset, sub.step))
+            )
+        offset += n
+    for _, piece, positions, sub in sorted(found, key=lambda item: item[0]):
+        yield piece, positions, sub
+
+
+def _positions_within(request: range, lo: int, hi: int) -> tuple[int, int]:
+    """The positions k where lo <= request[k] < hi, as [first, last+1)."""
+    if request.step > 0:
+        return bisect.bisect_left(request, lo), bisect.bisect_left(request, hi)
+    first = bisect.bisect_left(request, 1 - hi, key=lambda x: -x)
+    last = bisect.bisect_left(request, 1 - lo, key=lambda x: -x)
+    return first, last
+
+
+def chunk_ids(r: range, chunk: int) -> list[int]:
+    """The chunk numbers along one axis that the indices `r` touch."""
+    if not r:
+        return []
+    r = ascending(r)
+    if r.step <= chunk:
+        return list(range(r[0] // chunk, r[-1] // chunk + 1))
+    return sorted({i // chunk for i in r})
+
+
+def chunk_cover(region: Region, chunk_shape: Sequence[int]) -> Iterable[tuple[int, ...]]:
+    """Every chunk (as a tuple of chunk numbers) that `region` touches."""
+    per_axis = [chunk_ids(r, max(c, 1)) for r, c in zip(region, chunk_shape, strict=True)]
+    return itertools.product(*per_axis)
+
+
+def chunk_nbytes(
+    ids: tuple[int, ...], shape: Sequence[int], chunk_shape: Sequence[int], itemsize: int
+) -> int:
+    """Bytes of one chunk, clipped at the array's edge."""
+    sizes = (min(c, n - i * c) if c else n for i, n, c in zip(ids, shape, chunk_shape, strict=True))
+    return math.prod(sizes) * itemsize
+
+
+def reshape_groups(in_shape: Shape, out_shape: Shape) -> list[tuple[range, range]]:
+    """Pairs runs of input axes with the runs of output axes they reshape into.
+
+    Each group is the smallest run of axes whose sizes multiply to the same
+    number on both sides, so a request maps group by group.
+
+    Example:
+        >>> reshape_groups((4, 6, 5), (4, 2, 3, 5))
+        [(range(0, 1), range(0, 1)), (range(1, 2), range(1, 3)), (range(2, 3), range(3, 4))]
+    """
+    if not in_shape or not out_shape or math.prod(in_shape) == 0:
+        return [(range(len(in_shape)), range(len(out_shape)))]
+    groups = []
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        i0, j0 = i, j
+        a, b = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                a *= in_shape[i]
+                i += 1
+            else:
+                b *= out_shape[j]
+                j += 1
+        groups.append([i0, i, j0, j])
+    groups[-1][1], groups[-1][3] = len(in_shape), len(out_shape)
+    return [(range(i0, i1), range(j0, j1)) for i0, i1, j0, j1 in groups]
+
+
+class ReshapeMap:
+    """Maps a request on `reshape(x, out_shape)` to a request on `x`, and back.
+
+    Axes that a reshape leaves alone pass the request through unchanged; split
+    or merged axes read the bounding box of the elements they need and gather.
+    """
+
+    def __init__(self, in_shape: Shape, out_shape: Shape):
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self.groups = reshape_groups(in_shape, out_shape)
+
+    def input_region(self, request: Region) -> tuple[Region, list[np.ndarray | None]]:
+        """The input region to read, and per group the gather indices (None: reshape)."""
+        in_region: list[range] = [range(0)] * len(self.in_shape)
+        gathers: list[np.ndarray | None] = []
+        for ins, outs in self.groups:
+            req = [request[o] for o in outs]
+            if len(ins) == 1 and len(outs) == 1:
+                in_region[ins[0]] = req[0]
+                gathers.append(None)
+                continue
+            in_group = tuple(self.in_shape[i] for i in ins)
+            out_group = tuple(self.out_shape[o] for o in outs)
+            flat = _flat_indices(req, out_group)
+            coords = np.unravel_index(flat.ravel(), in_group) if in_group else ()
+            box = [range(int(c.min()), int(c.max()) + 1) if c.size else range(0) for c in coords]
+            for i, r in zip(ins, box, strict=True):
+                in_region[i] = r
+            box_shape = tuple(len(r) for r in box)
+            if in_group and flat.size:
+                local = np.ravel_multi_index(
+                    tuple(c - r.start for c, r in zip(coords, box, strict=True)), box_shape
+                ).reshape(flat.shape)
+            else:
+                local = np.zeros(flat.shape, dtype=np.intp)
+            exact = local.size == math.prod(box_shape) and bool(
+                np.all(local.ravel() == np.arange(local.size))
+            )
+            gathers.append(None if exact else local)
+        return tuple(in_region), gathers
+
+    def finish(
+        self, block: np.ndarray, request: Region, gathers: list[np.ndarray | None]
+    ) -> np.ndarray:
+        """Turns the input block read for `request` into the output block."""
+        pos = 0
+        for (ins, outs), gather in zip(self.groups, gathers, strict=True):
+            shape = block.shape
+            merged = (
+                shape[:pos] + (math.prod(shape[pos : pos + len(ins)]),) + shape[pos + len(ins) :]
+            )
+            block = block.reshape(merged)
+            if gather is None:
+                want = tuple(len(request[o]) for o in outs)
+                block = block.reshape(shape[:pos] + want + shape[pos + len(ins) :])
+            else:
+                block = np.take(block, gather, axis=pos)
+            pos += len(outs)
+        return block
+
+
+def _flat_indices(request: Sequence[range], group_shape: Shape) -> np.ndarray:
+    """C-order flat indices, within a group of axes, of the requested elements."""
+    if not group_shape:
+        return np.zeros((), dtype=np.intp)
+    grids = np.ix_(*[np.asarray(r, dtype=np.intp) for r in request])
+    return np.ravel_multi_index(grids, group_shape)

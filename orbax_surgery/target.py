@@ -1,0 +1,85 @@
+"""The target tree: what each restored leaf must look like, and where it lives."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from orbax_surgery.errors import SurgeryError
+from orbax_surgery.expr import Kind
+from orbax_surgery.keys import KeyPath, PyTree, flatten
+from orbax_surgery.regions import Shape
+
+_NO_VALUE = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetLeaf:
+    """One target leaf: its shape, dtype, sharding and kind, any of them inferred.
+
+    Attributes:
+        key: The leaf's key path.
+        shape: Required shape, or None to take the rule's.
+        dtype: Required dtype, or None to take the rule's.
+        sharding: Where a `jax.Array` goes; None means the first local device.
+        kind: What to return ('jax.Array', 'np.ndarray', 'scalar'), None to infer.
+        value: The concrete value given in the target, used only by fallbacks.
+    """
+
+    key: KeyPath
+    shape: Shape | None = None
+    dtype: np.dtype | None = None
+    sharding: jax.sharding.Sharding | None = None
+    kind: Kind | None = None
+    value: Any = dataclasses.field(default=_NO_VALUE, compare=False, repr=False)
+
+    @property
+    def has_value(self) -> bool:
+        return self.value is not _NO_VALUE
+
+    @property
+    def inferred(self) -> bool:
+        return self.shape is None
+
+
+def read_target(tree: PyTree) -> tuple[dict[KeyPath, TargetLeaf], Any]:
+    """Flattens a target tree into `TargetLeaf`s and its treedef.
+
+    Leaves may be `jax.ShapeDtypeStruct`s (with or without sharding), `jax.Array`s,
+    NumPy arrays, Python or NumPy scalars (their values serve as fallbacks), or
+    `...` to take shape and dtype from the rules, as `apply_transformations` does.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> leaves, _ = read_target({'w': jax.ShapeDtypeStruct((2, 3), np.float32), 'n': ...})
+        >>> leaves['w'].shape, leaves['n'].inferred
+        ((2, 3), True)
+    """
+    flat, treedef = flatten(tree)
+    return {key: _leaf(key, value) for key, value in flat.items()}, treedef
+
+
+def infer_target(keys: Mapping[KeyPath, Any]) -> dict[KeyPath, TargetLeaf]:
+    """A target that takes every key, shape and dtype from the rules."""
+    return {key: TargetLeaf(key) for key in keys}
+
+
+def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
+    if x is Ellipsis:
+        return TargetLeaf(key)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array')
+    if isinstance(x, jax.Array):
+        return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array', x)
+    if isinstance(x, np.ndarray | np.generic):
+        return TargetLeaf(key, tuple(x.shape), x.dtype, None, 'np.ndarray', x)
+    if isinstance(x, bool | int | float | complex):
+        return TargetLeaf(key, (), np.asarray(x).dtype, None, 'scalar', x)
+    raise SurgeryError(
+        f'Target leaf {key!r} is a {type(x).__name__}; use a jax.ShapeDtypeStruct, an array, '
+        'a scalar, or ... to take its shape and dtype from the rules.'
+    )
