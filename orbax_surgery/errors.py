@@ -37,3 +37,7 @@ class CheckpointNotFoundError(SurgeryError, FileNotFoundError):
 
 class SourceReadError(SurgeryError):
     """Reading array data failed: a truncated, missing or unreadable chunk."""
+
+
+class UnfinalizedCheckpointError(CheckpointNotFoundError):
+    """The checkpoint was never finalized: its save was interrupted or is running."""

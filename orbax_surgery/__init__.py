@@ -1,0 +1,73 @@
+"""orbax-surgery: model surgery while an Orbax checkpoint is restored, shard by shard."""
+
+from orbax_surgery.errors import (
+    AmbiguousRuleError,
+    CheckpointNotFoundError,
+    DtypeMismatchError,
+    RuleError,
+    ShapeMismatchError,
+    SourceReadError,
+    SurgeryError,
+    UnfinalizedCheckpointError,
+    UnmatchedKeyError,
+    UnusedKeyError,
+)
+from orbax_surgery.handler import (
+    SurgeryCheckpointHandler,
+    SurgeryRestore,
+    SurgerySave,
+    plan_restore,
+)
+from orbax_surgery.materialize import apply_rules, materialize
+from orbax_surgery.orbax_transforms import OrbaxTransforms
+from orbax_surgery.plan import Plan, Step, resolve
+from orbax_surgery.rules import (
+    Cast,
+    Combine,
+    Copy,
+    Drop,
+    Fallback,
+    MapValue,
+    Rename,
+    Reshape,
+    Slice,
+    Transpose,
+)
+from orbax_surgery.sources import OrbaxCheckpoint, TreeSource
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'AmbiguousRuleError',
+    'Cast',
+    'CheckpointNotFoundError',
+    'Combine',
+    'Copy',
+    'Drop',
+    'DtypeMismatchError',
+    'Fallback',
+    'MapValue',
+    'OrbaxCheckpoint',
+    'OrbaxTransforms',
+    'Plan',
+    'Rename',
+    'Reshape',
+    'RuleError',
+    'ShapeMismatchError',
+    'Slice',
+    'SourceReadError',
+    'Step',
+    'SurgeryCheckpointHandler',
+    'SurgeryError',
+    'SurgeryRestore',
+    'SurgerySave',
+    'Transpose',
+    'TreeSource',
+    'UnfinalizedCheckpointError',
+    'UnmatchedKeyError',
+    'UnusedKeyError',
+    'apply_rules',
+    'materialize',
+    'plan_restore',
+    'resolve',
+]

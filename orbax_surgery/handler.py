@@ -1,0 +1,167 @@
+"""The Orbax handler: restore a checkpoint straight into a different target tree.
+
+`SurgeryRestore` works wherever Orbax takes `CheckpointArgs`:
+`CheckpointManager.restore(step, args=SurgeryRestore(...))`, inside
+`ocp.args.Composite(...)`, and `ocp.Checkpointer(SurgeryCheckpointHandler())`,
+on checkpoints written by plain `StandardSave` or `PyTreeSave`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_surgery.errors import RuleError, SurgeryError
+from orbax_surgery.keys import PyTree
+from orbax_surgery.materialize import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
+from orbax_surgery.plan import Plan, normalize_rules, resolve
+from orbax_surgery.rules import Rule
+from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
+
+
+class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
+    """Saves like Orbax's PyTree handler; restores through surgery rules, lazily.
+
+    Saving delegates to `ocp.PyTreeCheckpointHandler`, so what it writes is an
+    ordinary Orbax checkpoint. Restoring with `SurgeryRestore` plans first
+    (from metadata only), raises on any problem, then reads just the chunks
+    this host's shards need.
+
+    Example:
+        >>> ckptr = ocp.Checkpointer(SurgeryCheckpointHandler())
+        >>> tree = ckptr.restore(path, args=SurgeryRestore(target=abstract))  # doctest: +SKIP
+    """
+
+    def __init__(self, *, use_ocdbt: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+        self._cache_bytes = cache_bytes
+
+    @classmethod
+    def typestr(cls) -> str:
+        return 'orbax_surgery.SurgeryCheckpointHandler'
+
+    async def async_save(
+        self, directory: epath.Path, item: Any = None, args: SurgerySave | None = None
+    ) -> Any:
+        _reject_positional(item, 'SurgerySave')
+        if args is None:
+            raise SurgeryError(
+                'SurgeryCheckpointHandler saves only with args=SurgerySave(item=...).'
+            )
+        return await self._impl.async_save(
+            directory,
+            args=ocp.args.PyTreeSave(
+                item=args.item, save_args=args.save_args, custom_metadata=args.custom_metadata
+            ),
+        )
+
+    def save(
+        self, directory: epath.Path, item: Any = None, args: SurgerySave | None = None
+    ) -> None:
+        async def save_and_commit() -> None:
+            for commit in await self.async_save(directory, item, args=args) or []:
+                commit.result()
+
+        run_sync(save_and_commit())
+
+    def restore(
+        self, directory: epath.Path, item: Any = None, args: SurgeryRestore | None = None
+    ) -> PyTree:
+        """Restores `args.target` through `args.rules`; with no args, as saved."""
+        _reject_positional(item, 'SurgeryRestore')
+        if args is None:
+            return self._impl.restore(directory)
+        source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
+        plan = resolve(source.arrays, args.target, args.rules)
+        plan.check()
+        return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
+
+    def metadata(self, directory: epath.Path) -> Any:
+        """The checkpoint's own tree metadata; `plan_restore` shows the target's."""
+        return self._impl.metadata(directory)
+
+    def finalize(self, directory: epath.Path) -> None:
+        self._impl.finalize(directory)
+
+    def close(self) -> None:
+        self._impl.close()
+
+
+@ocp.args.register_with_handler(SurgeryCheckpointHandler, for_save=True)
+@dataclasses.dataclass(kw_only=True)
+class SurgerySave(ocp.args.CheckpointArgs):
+    """Saves a tree as `ocp.args.StandardSave` would, through the surgery handler.
+
+    Use it when one `CheckpointManager` both saves and restores with surgery:
+    a manager binds one handler to each item.
+
+    Attributes:
+        item: The tree to save.
+        save_args: Optional tree of `ocp.SaveArgs`, as for `PyTreeSave`.
+        custom_metadata: JSON-serializable metadata stored with the tree.
+    """
+
+    item: PyTree
+    save_args: PyTree | None = None
+    custom_metadata: dict[str, Any] | None = None
+
+
+@ocp.args.register_with_handler(SurgeryCheckpointHandler, for_restore=True)
+@dataclasses.dataclass(kw_only=True)
+class SurgeryRestore(ocp.args.CheckpointArgs):
+    """Restores a checkpoint into `target` through `rules`.
+
+    Attributes:
+        target: The tree to produce. Leaves are `jax.ShapeDtypeStruct`s (with
+            shardings), concrete arrays or scalars (shape, dtype and sharding
+            taken from them; their values serve `Fallback`), or `...` to take
+            shape and dtype from the rules. None restores every key the rules
+            leave, as nested dicts.
+        rules: The package's rules, applied in order, or an Orbax `Transform`
+            tree (`{target_regex: ocp.Transform(...)}`), taken as
+            `OrbaxTransforms`.
+        max_inflight_bytes: Host memory for data read but not yet placed.
+    """
+
+    target: PyTree = None
+    rules: Sequence[Rule] | Mapping[str, Any] = ()
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+
+    def __post_init__(self):
+        self.rules = normalize_rules(self.rules)
+        for i, rule in enumerate(self.rules):
+            if not callable(getattr(rule, 'apply', None)):
+                raise RuleError(
+                    f'rules[{i}] is a {type(rule).__name__}, not a rule. Pass Orbax transforms '
+                    'as one dict {target_regex: Transform}, or wrap it in OrbaxTransforms.'
+                )
+        if self.max_inflight_bytes <= 0:
+            raise SurgeryError(
+                f'max_inflight_bytes must be positive, not {self.max_inflight_bytes}.'
+            )
+
+
+def plan_restore(
+    directory: epath.PathLike, target: PyTree = None, rules: Sequence[Rule] | Mapping[str, Any] = ()
+) -> Plan:
+    """Plans restoring the checkpoint item at `directory`, reading no array data.
+
+    Print the plan to see where each target leaf comes from, what is unused,
+    which leaves are not lazy and how many bytes each process will read.
+
+    Example:
+        >>> plan = plan_restore('/ckpt/1/default', abstract, rules)  # doctest: +SKIP
+        >>> print(plan)  # doctest: +SKIP
+    """
+    return resolve(OrbaxCheckpoint(directory).arrays, target, rules)
+
+
+def _reject_positional(item: Any, args_name: str) -> None:
+    if isinstance(item, ocp.args.CheckpointArgs):
+        raise SurgeryError(
+            f'{type(item).__name__} was passed positionally; pass it as args={args_name}(...).'
+        )

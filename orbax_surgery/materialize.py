@@ -1,0 +1,190 @@
+"""Turning a plan into arrays: each host computes only its addressable shards.
+
+For a `jax.Array` target, every distinct region in
+`sharding.addressable_devices_indices_map` is evaluated once (replicas share
+it), read from the source, and put on its devices. A leaf's shards are read
+together, so shards that need the same stored chunk share one read; a FIFO
+byte budget bounds the host memory in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+from orbax_surgery import expr as ex
+from orbax_surgery import regions
+from orbax_surgery.keys import PyTree
+from orbax_surgery.plan import Plan, Rules, Step, resolve
+from orbax_surgery.regions import Region
+from orbax_surgery.sources import ArraySource, TreeSource
+from orbax_surgery.value_fns import Apply
+
+DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
+
+T = TypeVar('T')
+Progress = Callable[[int], None]
+
+
+def materialize(
+    plan: Plan,
+    source: ArraySource,
+    *,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    on_bytes: Progress | None = None,
+) -> Any:
+    """Computes the target tree of a checked plan, reading only local shards.
+
+    Args:
+        plan: A plan without errors (call `plan.check()` first).
+        source: Where the plan's source arrays are read from.
+        max_inflight_bytes: Host bytes read but not yet placed on devices.
+        on_bytes: Called with the bytes of each block as it is placed.
+
+    Returns:
+        The target tree, with the target's structure.
+    """
+    assert not plan.errors, 'materialize() needs a plan without errors; call plan.check()'
+    values = run_sync(_materialize(plan, source, max_inflight_bytes, on_bytes))
+    return jax.tree_util.tree_unflatten(plan.treedef, [values[k] for k in plan.target_keys])
+
+
+def apply_rules(
+    tree: PyTree,
+    target: PyTree = None,
+    rules: Rules = (),
+    *,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+) -> PyTree:
+    """Applies rules to an in-memory tree exactly as a restore would.
+
+    Example:
+        >>> import numpy as np
+        >>> import orbax_surgery as osurg
+        >>> apply_rules({'w': np.arange(6).reshape(2, 3)}, {'W': ...},
+        ...             [osurg.Rename('w', 'W'), osurg.Transpose('W', (1, 0))])
+        {'W': array([[0, 3],
+               [1, 4],
+               [2, 5]])}
+    """
+    source = TreeSource(tree)
+    plan = resolve(source.arrays, target, rules)
+    plan.check()
+    return materialize(plan, source, max_inflight_bytes=max_inflight_bytes)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine to completion, also from inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class _Budget:
+    """A first-come, first-served limit on host bytes in flight."""
+
+    def __init__(self, limit: int):
+        self._limit = max(1, limit)
+        self._used = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        nbytes = min(nbytes, self._limit)  # A block bigger than the budget runs alone.
+        if self._waiting or self._used + nbytes > self._limit:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append((nbytes, turn))
+            await turn  # The releaser has counted our bytes.
+        else:
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            self._used -= nbytes
+            while self._waiting and self._used + self._waiting[0][0] <= self._limit:
+                n, turn = self._waiting.popleft()
+                self._used += n
+                turn.set_result(None)
+
+
+class _Session:
+    """The evaluation context of one restore: reads, and whole-array results."""
+
+    def __init__(self, source: ArraySource):
+        self._source = source
+        self._whole: dict[int, asyncio.Task[np.ndarray]] = {}
+
+    async def read(self, source: ex.Source, region: Region) -> np.ndarray:
+        return await self._source.read(source, region)
+
+    async def whole(self, node: Apply) -> np.ndarray:
+        task = self._whole.get(id(node))
+        if task is None:
+            task = asyncio.ensure_future(node.evaluate_whole(self))
+            self._whole[id(node)] = task
+        return await task
+
+
+async def _materialize(
+    plan: Plan, source: ArraySource, max_inflight_bytes: int, on_bytes: Progress | None
+) -> dict[str, Any]:
+    await source.open({s.key for step in plan.steps for s in step.expr.sources()})
+    session = _Session(source)
+    budget = _Budget(max_inflight_bytes)
+    results = await asyncio.gather(*(_leaf(step, session, budget, on_bytes) for step in plan.steps))
+    return {step.key: value for step, value in zip(plan.steps, results, strict=True)}
+
+
+async def _leaf(step: Step, session: _Session, budget: _Budget, on_bytes: Progress | None) -> Any:
+    leaf = step.target
+    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    if leaf.kind != 'jax.Array':
+        region = regions.full(leaf.shape)
+        async with budget.hold(_inflight_bytes(step, region)):
+            block = await _block(step, region, session, on_bytes)
+        if leaf.kind == 'np.ndarray':
+            return np.array(block, copy=True)
+        value = block.item()
+        return type(leaf.value)(value) if leaf.has_value else value
+    sharding = leaf.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(step.expr, ex.Constant) and isinstance(step.expr.value, jax.Array):
+        return jax.device_put(step.expr.value, sharding)
+    by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
+    for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+        by_region[regions.from_index(index, leaf.shape)].append(device)
+
+    async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:
+        async with budget.hold(_inflight_bytes(step, region)):
+            block = await _block(step, region, session, on_bytes)
+            return [jax.device_put(block, d) for d in devices]
+
+    placed = await asyncio.gather(*(place(r, ds) for r, ds in by_region.items()))
+    shards = [a for group in placed for a in group]
+    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+
+def _inflight_bytes(step: Step, region: Region) -> int:
+    """Host bytes a block takes while in flight: what it reads, and itself."""
+    out = regions.size_of(region) * step.expr.dtype.itemsize
+    reads = sum(regions.size_of(sub) * s.dtype.itemsize for s, sub in step.expr.requests(region))
+    return out + reads
+
+
+async def _block(
+    step: Step, region: Region, session: _Session, on_bytes: Progress | None
+) -> np.ndarray:
+    block = await step.expr.evaluate(region, session)
+    assert block.shape == regions.shape_of(region), (step.key, block.shape, region)
+    if on_bytes is not None:
+        on_bytes(block.nbytes)
+    return block

@@ -1,0 +1,226 @@
+"""Sources of stored arrays: their metadata without data, and region reads.
+
+`OrbaxCheckpoint` opens an Orbax PyTree item (what `StandardSave`/`PyTreeSave`
+write) with TensorStore. `TreeSource` serves an in-memory tree the same way,
+so the same rules work on live parameters, and tests can count its reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from orbax_surgery import regions
+from orbax_surgery.errors import (
+    CheckpointNotFoundError,
+    SourceReadError,
+    UnfinalizedCheckpointError,
+)
+from orbax_surgery.expr import Kind, Source
+from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
+from orbax_surgery.regions import Region
+
+DEFAULT_CACHE_BYTES = 256 * 2**20
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class ArraySource(Protocol):
+    """Stored arrays: metadata up front, data only through `read`."""
+
+    arrays: Mapping[KeyPath, Source]
+
+    async def open(self, keys: Collection[KeyPath]) -> None:
+        """Prepares `keys` for reading (opens their stores); reads no array data."""
+
+    async def read(self, source: Source, region: Region) -> np.ndarray:
+        """Reads one region of one array."""
+
+
+class OrbaxCheckpoint:
+    """An Orbax PyTree checkpoint item, opened for lazy region reads.
+
+    Opening reads only metadata (the tree structure, shapes, dtypes, chunks).
+    All arrays share one TensorStore context whose chunk cache (`cache_bytes`)
+    lets several shards and targets reuse a chunk instead of reading it again.
+
+    Example:
+        >>> ckpt = OrbaxCheckpoint('/tmp/ckpt/1/default')  # doctest: +SKIP
+        >>> ckpt.arrays['params/dense/kernel'].shape  # doctest: +SKIP
+        (512, 1024)
+    """
+
+    def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.directory = _checked_directory(epath.Path(directory))
+        metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory)
+        flat, _ = flatten(metadata.tree)
+        self._use_zarr3 = bool(getattr(metadata, 'use_zarr3', False))
+        self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
+        self._names: dict[KeyPath, str] = {}
+        self._strings: dict[str, Any] | None = None
+        self.arrays: dict[KeyPath, Source] = {}
+        for key, meta in flat.items():
+            self._names[key] = meta.name
+            self.arrays[key] = _source(key, meta)
+        base = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
+        self._context = ts.Context(
+            ts.Context.Spec({'cache_pool': {'total_bytes_limit': cache_bytes}}), parent=base
+        )
+        self._stores: dict[KeyPath, ts.TensorStore] = {}
+
+    def __repr__(self):
+        return f'OrbaxCheckpoint({str(self.directory)!r}, {len(self.arrays)} arrays)'
+
+    async def open(self, keys: Collection[KeyPath]) -> None:
+        todo = [k for k in keys if k not in self._stores and self.arrays[k].dtype != object]
+        stores = await asyncio.gather(*(self._open_one(k) for k in todo))
+        self._stores.update(zip(todo, stores, strict=True))
+
+    async def _open_one(self, key: KeyPath) -> ts.TensorStore:
+        info = ocp.type_handlers.ParamInfo(
+            name=self._names[key],
+            parent_dir=self.directory,
+            use_zarr3=self._use_zarr3,
+            is_ocdbt_checkpoint=self._use_ocdbt,
+        )
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+        try:
+            return await ts.open(spec, context=self._context, open=True, read=True)
+        except ValueError as e:
+            raise SourceReadError(
+                f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}: {e}'
+            ) from e
+
+    async def read(self, source: Source, region: Region) -> np.ndarray:
+        if source.dtype == object:
+            return np.asarray(self._string(source.key), dtype=object)
+        if source.key not in self._stores:
+            await self.open([source.key])
+        ascending, flips = regions.split_ascending(region)
+        index = tuple(regions.to_slice(r) for r in ascending)
+        try:
+            block = await self._stores[source.key][index].read()
+        except ValueError as e:
+            raise SourceReadError(
+                f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
+                f'checkpoint is damaged or unreadable: {e}'
+            ) from e
+        return np.flip(block, flips) if flips else block
+
+    def _string(self, key: KeyPath) -> Any:
+        if self._strings is None:
+            self._strings = json.loads((self.directory / '_strings.json').read_text())
+        return self._strings[self._names[key]]
+
+
+class TreeSource:
+    """An in-memory tree of arrays, read like a checkpoint; counts bytes read.
+
+    Example:
+        >>> import numpy as np
+        >>> src = TreeSource({'w': np.arange(6.0).reshape(2, 3)})
+        >>> src.arrays['w'].shape
+        (2, 3)
+    """
+
+    def __init__(self, tree: PyTree):
+        flat, _ = flatten(tree)
+        self.values = {k: v for k, v in flat.items() if v is not None}
+        self.arrays = {k: _source_of_value(k, v) for k, v in self.values.items()}
+        self.bytes_read: collections.Counter[KeyPath] = collections.Counter()
+
+    async def open(self, keys: Collection[KeyPath]) -> None:
+        return None
+
+    async def read(self, source: Source, region: Region) -> np.ndarray:
+        block = np.asarray(regions.take(np.asarray(self.values[source.key]), region))
+        self.bytes_read[source.key] += block.nbytes
+        return block
+
+
+def key_region(key: KeyPath, region: Region) -> str:
+    """`'w'[0:4, 2:3]`: a key and a region, for messages."""
+    parts = ', '.join(f'{r.start}:{r.stop}' + (f':{r.step}' if r.step != 1 else '') for r in region)
+    return f'{key!r}[{parts}]'
+
+
+def _source(key: KeyPath, meta: Any) -> Source:
+    if isinstance(meta, ocp.metadata.StringMetadata):
+        return Source(key, (), np.dtype(object), None, 'scalar')
+    kind: Kind
+    if isinstance(meta, ocp.metadata.ScalarMetadata):
+        kind = 'scalar'
+    else:
+        kind = 'np.ndarray' if meta.sharding is None else 'jax.Array'
+    storage = getattr(meta, 'storage', None)
+    chunks = tuple(storage.chunk_shape) if storage and storage.chunk_shape else None
+    return Source(key, tuple(meta.shape), np.dtype(meta.dtype), chunks, kind)
+
+
+def _source_of_value(key: KeyPath, value: Any) -> Source:
+    kind: Kind
+    if isinstance(value, jax.Array):
+        kind = 'jax.Array'
+    elif isinstance(value, np.ndarray | np.generic):
+        kind = 'np.ndarray'
+    else:
+        kind = 'scalar'
+    array = value if hasattr(value, 'dtype') else np.asarray(value)
+    return Source(key, tuple(np.shape(array)), np.dtype(array.dtype), None, kind)
+
+
+def _checked_directory(path: epath.Path) -> epath.Path:
+    """The item directory, or an error saying exactly what is there instead."""
+    for part in (path, *path.parents):
+        if _TMP_MARK in part.name:
+            raise UnfinalizedCheckpointError(
+                f'{part} is a temporary directory: its save was interrupted or is still '
+                'running, and Orbax never finalized it. Restore a finalized step instead.'
+            )
+    if not path.exists():
+        _raise_missing(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f'{path} is a file, not an Orbax checkpoint directory.')
+    if (path / '_METADATA').exists():
+        return path
+    children = sorted(p.name for p in path.iterdir() if p.is_dir())
+    items = [c for c in children if (path / c / '_METADATA').exists()]
+    if items:
+        raise CheckpointNotFoundError(
+            f'{path} is a step directory holding the items {items}; pass one of them, '
+            f'e.g. {str(path / items[0])!r}, or restore through a CheckpointManager.'
+        )
+    steps = [c for c in children if c.isdigit()]
+    if steps:
+        raise CheckpointNotFoundError(
+            f'{path} is a CheckpointManager directory with steps {steps[-5:]}; pass '
+            f'{str(path / steps[-1])!r}/<item>, or use CheckpointManager.restore.'
+        )
+    raise CheckpointNotFoundError(
+        f'{path} holds no Orbax PyTree checkpoint (no _METADATA file); was it saved '
+        'with StandardSave or PyTreeSave?'
+    )
+
+
+def _raise_missing(path: epath.Path) -> None:
+    existing = next((p for p in path.parents if p.exists()), None)
+    hint = ''
+    if existing is not None and existing.is_dir():
+        names = [p.name for p in existing.iterdir()]
+        wanted = path.relative_to(existing).parts[0]
+        pending = [n for n in names if n.startswith(wanted + _TMP_MARK)]
+        if pending:
+            raise UnfinalizedCheckpointError(
+                f'{path} does not exist, but {existing / pending[0]} does: that save was '
+                'interrupted or is still running, and was never finalized.'
+            )
+        hint = did_you_mean(wanted, names)
+    raise CheckpointNotFoundError(f'No checkpoint at {path}: it does not exist.{hint}')
