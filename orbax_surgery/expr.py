@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jax
@@ -232,6 +232,13 @@ class Transpose(Expr):
     base: Expr
     axes: tuple[int, ...]
 
+    def __post_init__(self):
+        if sorted(self.axes) != list(range(len(self.base.shape))):
+            raise ShapeMismatchError(
+                f'axes {self.axes} are not a permutation of the axes of {self.base.describe()!r} '
+                f'(shape {self.base.shape}).'
+            )
+
     @functools.cached_property
     def shape(self) -> Shape:  # type: ignore[override]
         return tuple(self.base.shape[a] for a in self.axes)
@@ -267,6 +274,13 @@ class Reshape(Expr):
 
     base: Expr
     shape: Shape
+
+    def __post_init__(self):
+        if math.prod(self.shape) != math.prod(self.base.shape):
+            raise ShapeMismatchError(
+                f'cannot reshape {self.base.describe()!r} of shape {self.base.shape} into '
+                f'{self.shape}: the sizes multiply to different numbers.'
+            )
 
     @functools.cached_property
     def _map(self) -> regions.ReshapeMap:
@@ -330,6 +344,13 @@ class Stack(Expr):
     parts: tuple[Expr, ...]
     axis: int
 
+    def __post_init__(self):
+        _check_parts(self.parts, 'stack', lambda s: s)
+        if not 0 <= self.axis <= len(self.parts[0].shape):
+            raise ShapeMismatchError(
+                f'stack axis {self.axis} is out of range for {_sigs(self.parts[:1])}.'
+            )
+
     @functools.cached_property
     def shape(self) -> Shape:  # type: ignore[override]
         inner = self.parts[0].shape
@@ -372,6 +393,13 @@ class Concat(Expr):
     parts: tuple[Expr, ...]
     axis: int
 
+    def __post_init__(self):
+        if self.parts and not 0 <= self.axis < len(self.parts[0].shape):
+            raise ShapeMismatchError(
+                f'concat axis {self.axis} is out of range for {_sigs(self.parts[:1])}.'
+            )
+        _check_parts(self.parts, 'concatenate', lambda s: s[: self.axis] + s[self.axis + 1 :])
+
     @functools.cached_property
     def shape(self) -> Shape:  # type: ignore[override]
         inner = self.parts[0].shape
@@ -406,6 +434,23 @@ class Concat(Expr):
 
     def describe(self):
         return f'concat({list_str(self.parts)}, axis={self.axis})'
+
+
+def _check_parts(parts: Sequence[Expr], verb: str, key: Callable[[Shape], Shape]) -> None:
+    """Parts to stack or concatenate must agree in dtype and (most of) shape."""
+    if not parts:
+        raise ShapeMismatchError(f'nothing to {verb}.')
+    first = parts[0]
+    for p in parts[1:]:
+        if key(p.shape) != key(first.shape) or p.dtype != first.dtype:
+            raise ShapeMismatchError(
+                f'cannot {verb} {first.describe()!r} ({first.shape} {first.dtype}) with '
+                f'{p.describe()!r} ({p.shape} {p.dtype}).'
+            )
+
+
+def _sigs(parts: Sequence[Expr]) -> str:
+    return ', '.join(f'{p.describe()!r} {p.shape}' for p in parts)
 
 
 def range_str(r: range) -> str:

@@ -1,0 +1,62 @@
+import inspect
+
+import orbax_surgery as osurg
+
+
+def test_public_api_is_pinned():
+    assert set(osurg.__all__) == {
+        'AmbiguousRuleError',
+        'Cast',
+        'CheckpointNotFoundError',
+        'Combine',
+        'Copy',
+        'Drop',
+        'DtypeMismatchError',
+        'Fallback',
+        'MapValue',
+        'OrbaxCheckpoint',
+        'OrbaxTransforms',
+        'Plan',
+        'Rename',
+        'Reshape',
+        'RuleError',
+        'ShapeMismatchError',
+        'Slice',
+        'SourceReadError',
+        'Step',
+        'SurgeryCheckpointHandler',
+        'SurgeryError',
+        'SurgeryRestore',
+        'SurgerySave',
+        'Transpose',
+        'TreeSource',
+        'UnfinalizedCheckpointError',
+        'UnmatchedKeyError',
+        'UnusedKeyError',
+        'apply_rules',
+        'materialize',
+        'plan_restore',
+        'resolve',
+    }
+
+
+def test_every_public_name_has_a_docstring():
+    missing = [n for n in osurg.__all__ if not inspect.getdoc(getattr(osurg, n))]
+    assert missing == []
+
+
+def test_errors_share_one_root_and_are_value_errors():
+    errors = [getattr(osurg, n) for n in osurg.__all__ if n.endswith('Error')]
+    assert all(issubclass(e, osurg.SurgeryError) for e in errors)
+    assert issubclass(osurg.SurgeryError, ValueError)
+    assert not any(issubclass(e, KeyError) for e in errors)
+    assert issubclass(osurg.CheckpointNotFoundError, FileNotFoundError)
+
+
+def test_args_are_registered_with_the_handler():
+    import orbax.checkpoint as ocp
+
+    get = ocp.args.get_registered_handler_cls
+    assert get(osurg.SurgeryRestore) is osurg.SurgeryCheckpointHandler
+    assert get(osurg.SurgerySave) is osurg.SurgeryCheckpointHandler
+    assert osurg.SurgeryCheckpointHandler.typestr() == 'orbax_surgery.SurgeryCheckpointHandler'

@@ -1,0 +1,79 @@
+import re
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from orbax_surgery import keys
+from orbax_surgery.errors import AmbiguousRuleError, RuleError
+
+
+@flax.struct.dataclass
+class State:
+    params: dict
+    step: int
+
+
+@pytest.mark.parametrize(
+    'tree',
+    [
+        {'a': 1, 'b': {'c': [2, 3], 'd': {'e': 4}}},
+        State(params={'dense': {'kernel': 1}}, step=2),
+        flax.core.freeze({'x': {'y': 1}}),
+        [{'w': 1}, (2, 3)],
+    ],
+    ids=['nested-dict', 'struct-dataclass', 'frozen-dict', 'list-tuple'],
+)
+def test_flatten_names_keys_as_orbax_does(tree):
+    flat, treedef = keys.flatten(tree)
+    assert flat == ocp.tree.to_flat_dict(tree, sep='/')
+    assert jax.tree_util.tree_structure(keys.unflatten(treedef, flat, flat)) == treedef
+
+
+def test_flatten_rejects_keys_that_collide_once_joined():
+    with pytest.raises(AmbiguousRuleError, match=re.escape("'a/b'")):
+        keys.flatten({'a/b': 1, 'a': {'b': 2}})
+
+
+def test_nest_rebuilds_dicts_and_rejects_leaf_prefixes():
+    assert keys.nest({'a/b/c': 1, 'a/d': 2}) == {'a': {'b': {'c': 1}, 'd': 2}}
+    with pytest.raises(AmbiguousRuleError, match="'a/b'"):
+        keys.nest({'a': 1, 'a/b': 2})
+
+
+def test_template_check_names_the_missing_group():
+    pattern = re.compile(r'(?P<layer>\w+)_(\d)')
+    keys.check_template(pattern, r'\g<layer>/\2', 'Rename')
+    with pytest.raises(RuleError, match=r"template '\\\\3'.*\['layer'\]"):
+        keys.check_template(pattern, r'\3', 'Rename')
+    with pytest.raises(RuleError, match='nope'):
+        keys.check_template(pattern, r'\g<nope>', 'Rename')
+
+
+def test_bad_regex_names_the_owner():
+    with pytest.raises(RuleError, match=r"Rename\(x\): '\(unclosed' is not a valid regex"):
+        keys.compile_pattern('(unclosed', 'Rename(x)')
+
+
+def test_close_matches_and_summaries_never_dump_everything():
+    candidates = [f'layers_{i}/kernel' for i in range(100)]
+    assert keys.close_matches('layer_3/kernel', candidates)[0] == 'layers_3/kernel'
+    assert len(keys.close_matches('layer_3/kernel', candidates)) <= 5
+    assert keys.summarize(candidates).endswith('and 95 more')
+    assert keys.did_you_mean('zzz', candidates) == ''
+
+
+def test_common_pattern_covers_exactly_the_keys():
+    ks = ['opt_state/mu/w', 'opt_state/nu/w', 'step']
+    pattern = keys.common_pattern(ks)
+    assert all(re.fullmatch(pattern, k) for k in ks)
+    assert not re.fullmatch(pattern, 'params/w')
+
+
+def test_numpy_leaves_survive_a_round_trip():
+    tree = {'w': np.ones(3), 'n': None, 'e': {}}
+    flat, treedef = keys.flatten(tree)
+    assert list(flat) == ['w']
+    assert keys.unflatten(treedef, flat, flat)['n'] is None

@@ -1,0 +1,98 @@
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orbax_surgery import regions
+
+
+@st.composite
+def axis_request(draw, n):
+    """A range of indices into an axis of size n: strided, maybe backwards."""
+    if n == 0:
+        return range(0)
+    step = draw(st.integers(1, 3)) * draw(st.sampled_from([1, -1]))
+    a, b = sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2)))
+    return range(n)[a:b:step] if step > 0 else range(n)[b:a:step]
+
+
+def test_from_index_handles_none_negative_and_int():
+    assert regions.from_index((slice(None), slice(-2, None)), (3, 5)) == (range(3), range(3, 5))
+    assert regions.from_index((1,), (3, 4)) == (range(1, 2), range(4))
+    assert regions.from_index((-1,), (3,)) == (range(2, 3),)
+
+
+@given(st.integers(1, 40), st.data())
+def test_compose_equals_indexing_twice(n, data):
+    outer = data.draw(axis_request(n))
+    inner = data.draw(axis_request(len(outer)))
+    assert list(regions.compose(outer, inner)) == [outer[k] for k in inner]
+
+
+@given(st.integers(1, 30), st.data())
+def test_to_slice_selects_the_range(n, data):
+    r = data.draw(axis_request(n))
+    assert list(np.arange(n)[regions.to_slice(r)]) == list(r)
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.data())
+def test_pieces_split_a_request_across_concatenated_parts(sizes, data):
+    total = sum(sizes)
+    request = data.draw(axis_request(total))
+    offsets = np.cumsum([0] + sizes)
+    got = []
+    for piece, positions, sub in regions.pieces(request, sizes):
+        assert [request[k] - offsets[piece] for k in positions] == list(sub)
+        got += [offsets[piece] + i for i in sub]
+    assert got == list(request)
+
+
+def test_chunk_ids_for_dense_and_sparse_strides():
+    assert regions.chunk_ids(range(5, 23), 8) == [0, 1, 2]
+    assert regions.chunk_ids(range(0, 64, 32), 8) == [0, 4]
+    assert regions.chunk_ids(range(22, 4, -1), 8) == [0, 1, 2]
+    assert regions.chunk_ids(range(0), 8) == []
+
+
+def test_chunk_nbytes_clips_edge_chunks():
+    assert regions.chunk_nbytes((1, 0), (10, 4), (8, 4), 4) == 2 * 4 * 4
+
+
+@pytest.mark.parametrize(
+    'shapes',
+    [
+        ((4, 6, 5), (4, 2, 3, 5)),
+        ((6,), (2, 3)),
+        ((2, 3), (6,)),
+        ((2, 1, 3), (6,)),
+        ((1,), ()),
+        ((), (1, 1)),
+        ((3, 4), (4, 3)),
+        ((2, 3, 4), (4, 6)),
+        ((0, 3), (3, 0)),
+        ((8, 12), (2, 4, 3, 4)),
+    ],
+    ids=str,
+)
+def test_reshape_map_reads_a_box_and_gathers_exactly(shapes):
+    in_shape, out_shape = shapes
+    x = np.arange(int(np.prod(in_shape))).reshape(in_shape)
+    y = x.reshape(out_shape)
+    mapping = regions.ReshapeMap(in_shape, out_shape)
+    per_axis = [
+        [range(0)] if n == 0 else [range(n), range(n)[1:], range(n)[::-2], range(n)[-1:]]
+        for n in out_shape
+    ]
+    for request in itertools.product(*per_axis):
+        in_region, gathers = mapping.input_region(request)
+        got = mapping.finish(regions.take(x, in_region), request, gathers)
+        np.testing.assert_array_equal(got, regions.take(y, request))
+
+
+def test_reshape_that_splits_heads_reads_only_the_needed_rows():
+    mapping = regions.ReshapeMap((512, 8 * 64), (512, 8, 64))
+    in_region, gathers = mapping.input_region((range(0, 64), range(2, 4), range(64)))
+    assert in_region == (range(0, 64), range(128, 256))
+    assert gathers == [None, None]
