@@ -304,7 +304,7 @@ class MapValue(_Map):
         return f'MapValue({self.pattern!r}, {fn_name(self.fn)}{extra})'
 
     def rewrite(self, value):
-        out = self.out or predict_or_explain(self, self.fn, value)
+        out = self.out or predict_or_explain(self.fn, value)
         label = fn_name(self.fn)
         if not self.elementwise:
             fn = self.fn
@@ -356,20 +356,24 @@ class Combine(_Pattern):
                         f'{len(tree)} keys.{did_you_mean(name, tree)}'
                     )
             parts = tuple(tree[n].expr for n in names)
-            result = self.out or predict_or_explain(self, self.fn, *parts)
+            try:
+                result = self.out or predict_or_explain(self.fn, *parts)
+            except RuleError as e:
+                raise RuleError(f'{self!r} for target {key!r}: {e}') from e
             node = Apply(self._call, parts, tuple(result.shape), result.dtype, fn_name(self.fn))
             out[key] = Entry(node, (self,))
         return out
 
 
-def predict_or_explain(owner: Any, fn: Callable[..., Any], *parts: ex.Expr) -> jax.ShapeDtypeStruct:
+def predict_or_explain(fn: Callable[..., Any], *parts: ex.Expr) -> jax.ShapeDtypeStruct:
     """The output a function will give on `parts`, or a RuleError saying why not."""
     try:
         return predict(fn, *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in parts))
     except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise RuleError(
-            f'{owner!r}: cannot tell what {fn_name(fn)} returns for '
-            f'{", ".join(_sig(p) for p in parts)} without running it ({type(e).__name__}: {e}). '
+            f'cannot tell what {fn_name(fn)} returns for {", ".join(_sig(p) for p in parts)} '
+            f'without running it ({type(e).__name__}: {reason}). '
             'Pass out=jax.ShapeDtypeStruct(shape, dtype).'
         ) from e
 

@@ -1,6 +1,5 @@
 """Every example of Orbax's transformations guide, through Orbax and through us."""
 
-
 import flax
 import flax.linen as nn
 import jax
