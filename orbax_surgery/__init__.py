@@ -18,7 +18,7 @@ from orbax_surgery.handler import (
     SurgerySave,
     plan_restore,
 )
-from orbax_surgery.materialize import apply_rules, materialize
+from orbax_surgery.materializer import apply_rules, materialize
 from orbax_surgery.orbax_transforms import OrbaxTransforms
 from orbax_surgery.plan import Plan, Step, resolve
 from orbax_surgery.rules import (

@@ -17,7 +17,7 @@ from etils import epath
 
 from orbax_surgery.errors import RuleError, SurgeryError
 from orbax_surgery.keys import PyTree
-from orbax_surgery.materialize import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
+from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
 from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint

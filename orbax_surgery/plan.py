@@ -28,7 +28,7 @@ from orbax_surgery.errors import (
 from orbax_surgery.keys import KeyPath, PyTree, close_matches, common_pattern, nest, summarize
 from orbax_surgery.orbax_transforms import OrbaxTransforms
 from orbax_surgery.rules import Entry, Fallback, Rule
-from orbax_surgery.target import TargetLeaf, infer_target, read_target
+from orbax_surgery.target import TargetLeaf, read_target
 
 Rules = Sequence[Rule] | Mapping[str, Any]
 
@@ -177,8 +177,7 @@ def resolve(
         for key in sorted(before - _refs(e.expr for e in tree.values())):
             dropped.setdefault(key, rule)
     if target is None:
-        leaves = infer_target(tree)
-        treedef = jax.tree_util.tree_structure(nest(dict.fromkeys(tree, 0)))
+        leaves, treedef = read_target(nest(dict.fromkeys(tree, ...)))
     steps = []
     for key, leaf in leaves.items():
         entry = tree.get(key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -61,11 +60,6 @@ def read_target(tree: PyTree) -> tuple[dict[KeyPath, TargetLeaf], Any]:
     """
     flat, treedef = flatten(tree)
     return {key: _leaf(key, value) for key, value in flat.items()}, treedef
-
-
-def infer_target(keys: Mapping[KeyPath, Any]) -> dict[KeyPath, TargetLeaf]:
-    """A target that takes every key, shape and dtype from the rules."""
-    return {key: TargetLeaf(key) for key in keys}
 
 
 def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
