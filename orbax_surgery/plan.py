@@ -62,7 +62,11 @@ class Step:
 
 @dataclasses.dataclass(frozen=True)
 class Reads:
-    """Bytes one process reads: what its shards need, and whole chunks of it."""
+    """Bytes one process reads: what its shards need, and the whole chunks read.
+
+    `needed` counts each stored element once however many shards or targets use
+    it; `chunked` counts each stored chunk once, as the host reads it.
+    """
 
     needed: int = 0
     chunked: int = 0
@@ -330,7 +334,12 @@ def _reads(
     chunks: set[tuple[KeyPath, tuple[int, ...]]],
     sources: Mapping[KeyPath, ex.Source],
 ) -> Reads:
-    need = sum(regions.size_of(r) * sources[k].dtype.itemsize for k, r in needed)
+    by_source: dict[KeyPath, list[regions.Region]] = collections.defaultdict(list)
+    for key, region in needed:
+        by_source[key].append(region)
+    need = sum(
+        regions.union_size(rs) * sources[k].dtype.itemsize for k, rs in sorted(by_source.items())
+    )
     chunked = 0
     for key, ids in chunks:
         src = sources[key]

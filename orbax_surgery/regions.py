@@ -252,3 +252,33 @@ def _flat_indices(request: Sequence[range], group_shape: Shape) -> np.ndarray:
         return np.zeros((), dtype=np.intp)
     grids = np.ix_(*[np.asarray(r, dtype=np.intp) for r in request])
     return np.ravel_multi_index(grids, group_shape)
+
+
+def union_size(parts: Sequence[Region], max_cells: int = 1 << 21) -> int:
+    """Elements in the union of regions (a strided range counts as its span).
+
+    Counted exactly by cutting each axis at every region boundary; past
+    `max_cells` cells it returns the sum of sizes, an upper bound.
+
+    Example:
+        >>> union_size([(range(0, 4), range(0, 4)), (range(2, 6), range(2, 6))])
+        28
+    """
+    parts = list(dict.fromkeys(parts))
+    if len(parts) <= 1:
+        return size_of(parts[0]) if parts else 0
+    spans = [[(min(r), max(r) + 1) if r else (0, 0) for r in part] for part in parts]
+    cuts = [sorted({b for span in spans for b in span[axis]}) for axis in range(len(spans[0]))]
+    cells = math.prod(max(len(c) - 1, 0) for c in cuts)
+    if cells > max_cells:
+        return sum(size_of(p) for p in parts)
+    covered = np.zeros([max(len(c) - 1, 0) for c in cuts], dtype=bool)
+    for span in spans:
+        covered[
+            tuple(
+                slice(bisect.bisect_left(c, lo), bisect.bisect_left(c, hi))
+                for c, (lo, hi) in zip(cuts, span, strict=True)
+            )
+        ] = True
+    widths = np.ix_(*[np.diff(c) for c in cuts])
+    return int(np.sum(covered * math.prod(widths)))

@@ -6,11 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from orbax_surgery.keys import summarize
+
 if TYPE_CHECKING:
     from orbax_surgery.plan import Plan
 
 _MAX_ROWS = 500
 _MAX_FROM = 64
+_MAX_LISTED = 20
 
 
 def format_bytes(n: int) -> str:
@@ -58,10 +61,16 @@ def format_plan(plan: Plan) -> str:
             lines.append(f'  {step.key}: {step.expr.describe()} reads {format_bytes(need)}')
     if plan.unused:
         lines += ['', f'Unused checkpoint keys ({len(plan.unused)}):']
-        lines += [f'  {k}' + (f' (renamed {v})' if v != k else '') for k, v in plan.unused]
+        shown = [f'  {k}' + (f' (renamed {v})' if v != k else '') for k, v in plan.unused]
+        lines += shown[:_MAX_LISTED]
+        if len(shown) > _MAX_LISTED:
+            lines.append(f'  ... and {len(shown) - _MAX_LISTED} more (see plan.unused)')
     if plan.dropped:
+        by_rule: dict[str, list[str]] = {}
+        for key, rule in plan.dropped:
+            by_rule.setdefault(repr(rule), []).append(key)
         lines += ['', f'Left unread by rules ({len(plan.dropped)}):']
-        lines += [f'  {k}  by {rule!r}' for k, rule in plan.dropped]
+        lines += [f'  {rule}: {summarize(keys)}' for rule, keys in by_rule.items()]
     if plan.errors:
         lines += ['', f'Errors ({len(plan.errors)}):']
         lines += [f'  {i}. {type(e).__name__}: {e}' for i, e in enumerate(plan.errors, 1)]

@@ -90,6 +90,7 @@ class OrbaxCheckpoint:
             parent_dir=self.directory,
             use_zarr3=self._use_zarr3,
             is_ocdbt_checkpoint=self._use_ocdbt,
+            ts_context=self._context,
         )
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
         try:
