@@ -3,8 +3,9 @@
 For a `jax.Array` target, every distinct region in
 `sharding.addressable_devices_indices_map` is evaluated once (replicas share
 it), read from the source, and put on its devices. A leaf's shards are read
-together, so shards that need the same stored chunk share one read; a FIFO
-byte budget bounds the host memory in flight.
+together, so shards that need the same stored chunk share one read. Leaves are
+admitted first come, first served under a byte budget: host memory in flight
+stays under max(budget, one leaf's share on this host) plus the chunk cache.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from orbax_surgery.regions import Region
 from orbax_surgery.sources import ArraySource, TreeSource
 from orbax_surgery.value_fns import Apply
 
-DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20
 
 T = TypeVar('T')
 Progress = Callable[[int], None]
@@ -164,11 +165,12 @@ async def _leaf(step: Step, session: _Session, budget: _Budget, on_bytes: Progre
         by_region[regions.from_index(index, leaf.shape)].append(device)
 
     async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:
-        async with budget.hold(_inflight_bytes(step, region)):
-            block = await _block(step, region, session, on_bytes)
-            return [jax.device_put(block, d) for d in devices]
+        block = await _block(step, region, session, on_bytes)
+        return [jax.device_put(block, d) for d in devices]
 
-    placed = await asyncio.gather(*(place(r, ds) for r, ds in by_region.items()))
+    # All of a leaf's shards are read together, so shards needing one chunk share its read.
+    async with budget.hold(sum(_inflight_bytes(step, r) for r in by_region)):
+        placed = await asyncio.gather(*(place(r, ds) for r, ds in by_region.items()))
     shards = [a for group in placed for a in group]
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 

@@ -29,7 +29,7 @@ from orbax_surgery.expr import Kind, Source
 from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
 from orbax_surgery.regions import Region
 
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_CACHE_BYTES = 64 * 2**20
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
