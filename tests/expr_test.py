@@ -2,9 +2,9 @@ import asyncio
 
 import numpy as np
 import pytest
+from fixtures import axis_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from regions_test import axis_request
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import counting_reads, random_array, save, sds, sharded
+from fixtures import counting_reads, random_array, save, sds, sharded
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

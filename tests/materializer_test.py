@@ -3,7 +3,7 @@ import asyncio
 import jax
 import numpy as np
 import pytest
-from conftest import random_array, sds
+from fixtures import random_array, sds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

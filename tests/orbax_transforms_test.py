@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import save
+from fixtures import save
 from flax.training.train_state import TrainState
 
 import orbax_surgery as osurg

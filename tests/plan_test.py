@@ -3,7 +3,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import sds
+from fixtures import sds
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

@@ -2,20 +2,11 @@ import itertools
 
 import numpy as np
 import pytest
+from fixtures import axis_request
 from hypothesis import given
 from hypothesis import strategies as st
 
 from orbax_surgery import regions
-
-
-@st.composite
-def axis_request(draw, n):
-    """A range of indices into an axis of size n: strided, maybe backwards."""
-    if n == 0:
-        return range(0)
-    step = draw(st.integers(1, 3)) * draw(st.sampled_from([1, -1]))
-    a, b = sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2)))
-    return range(n)[a:b:step] if step > 0 else range(n)[b:a:step]
 
 
 def test_from_index_handles_none_negative_and_int():

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import random_array, save, sharded
+from fixtures import random_array, save, sharded
 
 import orbax_surgery as osurg
 
