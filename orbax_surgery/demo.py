@@ -70,7 +70,8 @@ def _run(directory: epath.Path, echo: Callable[[str], None]) -> bool:
         value = np.asarray(got)
         same = np.array_equal(value, want) and value.dtype == want.dtype
         ok &= same
-        where = f'sharded {got.sharding.spec}' if isinstance(got, jax.Array) else 'on the host'
+        spec = getattr(getattr(got, 'sharding', None), 'spec', None)
+        where = 'on the host' if spec is None else f'sharded {spec}'
         mark = 'ok ' if same else 'BAD'
         echo(f'   {mark} {key:40s} {str(value.shape):12s} {str(value.dtype):9s} {where}')
     echo(

@@ -32,8 +32,16 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
     this host's shards need.
 
     Example:
-        >>> ckptr = ocp.Checkpointer(SurgeryCheckpointHandler())
-        >>> tree = ckptr.restore(path, args=SurgeryRestore(target=abstract))  # doctest: +SKIP
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import Rename
+        >>> path = tempfile.mkdtemp() + '/ckpt'
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(path, {'dense': {'w': np.arange(6.0).reshape(2, 3)}})
+        >>> with ocp.Checkpointer(SurgeryCheckpointHandler()) as ckptr:
+        ...     ckptr.restore(path, args=SurgeryRestore(
+        ...         target={'Dense': {'w': ...}}, rules=[Rename('dense/(.*)', r'Dense/\\1')]))
+        {'Dense': {'w': array([[0., 1., 2.],
+               [3., 4., 5.]])}}
     """
 
     def __init__(self, *, use_ocdbt: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
@@ -154,8 +162,15 @@ def plan_restore(
     which leaves are not lazy and how many bytes each process will read.
 
     Example:
-        >>> plan = plan_restore('/ckpt/1/default', abstract, rules)  # doctest: +SKIP
-        >>> print(plan)  # doctest: +SKIP
+        >>> import tempfile, jax, numpy as np
+        >>> from orbax_surgery import Drop
+        >>> path = tempfile.mkdtemp() + '/ckpt'
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(path, {'w': np.ones((4, 8), np.float32), 'opt': np.zeros(3)})
+        >>> target = {'w': jax.ShapeDtypeStruct((4, 8), np.float32)}
+        >>> plan = plan_restore(path, target, [Drop('opt')])
+        >>> plan.errors, plan.steps[0].sources, plan.reads[0].needed
+        ((), ('w',), 128)
     """
     return resolve(OrbaxCheckpoint(directory).arrays, target, rules)
 

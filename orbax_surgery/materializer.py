@@ -162,6 +162,7 @@ async def _leaf(step: Step, session: _Session, budget: _Budget, on_bytes: Progre
         return jax.device_put(step.expr.value, sharding)
     by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
     for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+        assert index is not None, f'{leaf.key!r} has no index on {device}'
         by_region[regions.from_index(index, leaf.shape)].append(device)
 
     async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:

@@ -165,9 +165,9 @@ def resolve(
     """
     sources = {k: _as_source(k, v) for k, v in source.items()}
     tree: dict[KeyPath, Entry] = {k: Entry(s) for k, s in sources.items()}
-    if target is None:
-        leaves, treedef = {}, None
-    else:
+    leaves: dict[KeyPath, TargetLeaf] = {}
+    treedef = None
+    if target is not None:
         leaves, treedef = read_target(target)
     errors: list[SurgeryError] = []
     dropped: dict[KeyPath, Rule] = {}
@@ -227,6 +227,7 @@ def _refs(exprs: Iterable[ex.Expr]) -> set[KeyPath]:
 def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
     if leaf.inferred:
         return dataclasses.replace(leaf, shape=value.shape, dtype=value.dtype, kind=value.kind)
+    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
     if value.shape != leaf.shape:
         raise ShapeMismatchError(
             f'Target {leaf.key!r} has shape {leaf.shape}, but {value.describe()!r} gives '
@@ -267,7 +268,7 @@ def _unused(
     used: set[KeyPath],
     dropped: Mapping[KeyPath, Rule],
 ) -> tuple[tuple[KeyPath, KeyPath], ...]:
-    renamed = {}
+    renamed: dict[KeyPath, KeyPath] = {}
     for key, entry in tree.items():
         if isinstance(entry.expr, ex.Source):
             renamed.setdefault(entry.expr.key, key)
@@ -295,8 +296,9 @@ def _process_regions(leaf: TargetLeaf) -> dict[int, list[regions.Region]]:
     out: dict[int, list[regions.Region]] = collections.defaultdict(list)
     for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
         region = regions.from_index(index, leaf.shape)
-        if region not in out[device.process_index]:
-            out[device.process_index].append(region)
+        process = device.process_index  # type: ignore[attr-defined]
+        if region not in out[process]:
+            out[process].append(region)
     return out
 
 

@@ -62,6 +62,9 @@ class _Pattern:
     def __post_init__(self):
         object.__setattr__(self, '_re', compile_pattern(self.pattern, repr(self)))
 
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        raise NotImplementedError(f'{type(self).__name__} is not a rule by itself.')
+
     def _matching(self, keys: Sequence[KeyPath], what: str) -> list[tuple[KeyPath, re.Match[str]]]:
         found = [(k, m) for k in keys if (m := self._re.fullmatch(k))]
         if not found:

@@ -36,7 +36,9 @@ _TMP_MARK = '.orbax-checkpoint-tmp'
 class ArraySource(Protocol):
     """Stored arrays: metadata up front, data only through `read`."""
 
-    arrays: Mapping[KeyPath, Source]
+    @property
+    def arrays(self) -> Mapping[KeyPath, Source]:
+        """The stored arrays' shapes, dtypes and chunks, by key."""
 
     async def open(self, keys: Collection[KeyPath]) -> None:
         """Prepares `keys` for reading (opens their stores); reads no array data."""
@@ -53,8 +55,11 @@ class OrbaxCheckpoint:
     lets several shards and targets reuse a chunk instead of reading it again.
 
     Example:
-        >>> ckpt = OrbaxCheckpoint('/tmp/ckpt/1/default')  # doctest: +SKIP
-        >>> ckpt.arrays['params/dense/kernel'].shape  # doctest: +SKIP
+        >>> import tempfile, numpy as np
+        >>> path = tempfile.mkdtemp() + '/ckpt'
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(path, {'dense': {'kernel': np.ones((512, 1024), np.float32)}})
+        >>> OrbaxCheckpoint(path).arrays['dense/kernel'].shape
         (512, 1024)
     """
 
