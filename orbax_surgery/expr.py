@@ -152,10 +152,30 @@ class Constant(Expr):
 
 
 @dataclasses.dataclass(frozen=True)
-class Index(Expr):
-    """Basic indexing: per axis an int (the axis goes) or a range of indices."""
+class _OneInput(Expr):
+    """Base for ops on one array, where a region maps to one region of the input."""
 
     base: Expr
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def _input_region(self, region: Region) -> Region:
+        return region
+
+    def requests(self, region):
+        return self.base.requests(self._input_region(region))
+
+
+@dataclasses.dataclass(frozen=True)
+class Index(_OneInput):
+    """Basic indexing: per axis an int (the axis goes) or a range of indices."""
+
     index: tuple[int | range, ...]
 
     @staticmethod
@@ -194,23 +214,12 @@ class Index(Expr):
     def shape(self) -> Shape:  # type: ignore[override]
         return tuple(len(i) for i in self.index if isinstance(i, range))
 
-    @property
-    def dtype(self) -> np.dtype:  # type: ignore[override]
-        return self.base.dtype
-
-    @property
-    def children(self):
-        return (self.base,)
-
     def _input_region(self, region: Region) -> Region:
         out = iter(region)
         return tuple(
             range(i, i + 1) if isinstance(i, int) else regions.compose(i, next(out))
             for i in self.index
         )
-
-    def requests(self, region):
-        return self.base.requests(self._input_region(region))
 
     async def evaluate(self, region, ctx):
         block = await self.base.evaluate(self._input_region(region), ctx)
@@ -226,10 +235,9 @@ class Index(Expr):
 
 
 @dataclasses.dataclass(frozen=True)
-class Transpose(Expr):
+class Transpose(_OneInput):
     """Permutes axes: output axis k is input axis `axes[k]`."""
 
-    base: Expr
     axes: tuple[int, ...]
 
     def __post_init__(self):
@@ -243,20 +251,9 @@ class Transpose(Expr):
     def shape(self) -> Shape:  # type: ignore[override]
         return tuple(self.base.shape[a] for a in self.axes)
 
-    @property
-    def dtype(self) -> np.dtype:  # type: ignore[override]
-        return self.base.dtype
-
-    @property
-    def children(self):
-        return (self.base,)
-
     def _input_region(self, region: Region) -> Region:
         inverse = np.argsort(self.axes)
         return tuple(region[k] for k in inverse)
-
-    def requests(self, region):
-        return self.base.requests(self._input_region(region))
 
     async def evaluate(self, region, ctx):
         return (await self.base.evaluate(self._input_region(region), ctx)).transpose(self.axes)
@@ -269,10 +266,9 @@ class Transpose(Expr):
 
 
 @dataclasses.dataclass(frozen=True)
-class Reshape(Expr):
+class Reshape(_OneInput):
     """Reshapes in C order, reading only the elements a region needs."""
 
-    base: Expr
     shape: Shape
 
     def __post_init__(self):
@@ -286,16 +282,8 @@ class Reshape(Expr):
     def _map(self) -> regions.ReshapeMap:
         return regions.ReshapeMap(self.base.shape, self.shape)
 
-    @property
-    def dtype(self) -> np.dtype:  # type: ignore[override]
-        return self.base.dtype
-
-    @property
-    def children(self):
-        return (self.base,)
-
-    def requests(self, region):
-        return self.base.requests(self._map.input_region(region)[0])
+    def _input_region(self, region: Region) -> Region:
+        return self._map.input_region(region)[0]
 
     async def evaluate(self, region, ctx):
         in_region, gathers = self._map.input_region(region)
@@ -310,22 +298,18 @@ class Reshape(Expr):
 
 
 @dataclasses.dataclass(frozen=True)
-class Cast(Expr):
-    """Converts to `dtype` as NumPy's `astype` does (round to nearest even)."""
+class Cast(_OneInput):
+    """Converts to dtype `to` as NumPy's `astype` does (round to nearest even)."""
 
-    base: Expr
-    dtype: np.dtype
+    to: np.dtype
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.to
 
     @property
     def shape(self) -> Shape:  # type: ignore[override]
         return self.base.shape
-
-    @property
-    def children(self):
-        return (self.base,)
-
-    def requests(self, region):
-        return self.base.requests(region)
 
     async def evaluate(self, region, ctx):
         return (await self.base.evaluate(region, ctx)).astype(self.dtype)

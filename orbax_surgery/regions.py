@@ -66,8 +66,17 @@ def compose(outer: range, request: range) -> range:
 
 
 def ascending(r: range) -> range:
-    """The same indices in increasing order."""
-    return r if r.step > 0 or len(r) <= 1 else r[::-1]
+    """The same indices in increasing order, with a positive step.
+
+    Example:
+        >>> ascending(range(0, -1, -1)), ascending(range(9, 0, -4))
+        (range(0, 1), range(1, 13, 4))
+    """
+    if r.step > 0:
+        return r
+    if len(r) <= 1:
+        return range(r[0], r[0] + 1) if r else range(0)
+    return r[::-1]
 
 
 def to_slice(r: range) -> slice:
@@ -92,7 +101,11 @@ def take(array: np.ndarray, region: Region) -> np.ndarray:
 
 
 def split_ascending(region: Region) -> tuple[Region, tuple[int, ...]]:
-    """The region with every range ascending, and the axes to flip afterwards."""
+    """The region with every step positive, and the axes to flip afterwards.
+
+    Stores such as TensorStore read negative-step slices differently from
+    NumPy, so sources only ever see positive steps.
+    """
     flips = tuple(axis for axis, r in enumerate(region) if r.step < 0 and len(r) > 1)
     return tuple(ascending(r) for r in region), flips
 

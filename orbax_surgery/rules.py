@@ -88,15 +88,14 @@ class _Move(_Pattern):
     def _moved(self, tree: Tree, keep: bool) -> dict[KeyPath, Entry]:
         found = self._matching(list(tree), 'checkpoint')
         out = dict(tree) if keep else {k: e for k, e in tree.items() if not self._re.fullmatch(k)}
-        origin = {k: k for k in out}
         for key, m in found:
             new = m.expand(self.replacement)
             if new in out:
                 raise AmbiguousRuleError(
-                    f'{self!r} maps {key!r} to {new!r}, which {origin[new]!r} already has. '
-                    'Drop one of them first, or make the pattern narrower.'
+                    f'{self!r} maps {key!r} to {new!r}, which {_origin(new, out[new])} already '
+                    'has. Drop one of them first, or make the pattern narrower.'
                 )
-            out[new], origin[new] = tree[key].then(self), key
+            out[new] = tree[key].then(self)
         return out
 
 
@@ -397,6 +396,13 @@ def parse_dtype(dtype: Any, owner: str) -> np.dtype:
 
 def fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, '__name__', None) or type(fn).__name__
+
+
+def _origin(key: KeyPath, entry: Entry) -> str:
+    """Where a key's value comes from, for messages."""
+    if not entry.via:
+        return f'checkpoint key {key!r}'
+    return f'{entry.expr.describe()!r} (made {key!r} by {entry.via[-1]!r})'
 
 
 def _is_numeric(dtype: np.dtype) -> bool:

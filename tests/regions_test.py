@@ -40,6 +40,18 @@ def test_pieces_split_a_request_across_concatenated_parts(sizes, data):
     assert got == list(request)
 
 
+@given(st.integers(1, 30), st.data())
+def test_split_ascending_gives_positive_steps_and_the_flips(n, data):
+    region = (data.draw(axis_request(n)), data.draw(axis_request(n)))
+    ascending, flips = regions.split_ascending(region)
+    assert all(r.step > 0 for r in ascending)
+    block = np.arange(n * n).reshape(n, n)
+    got = (
+        np.flip(regions.take(block, ascending), flips) if flips else regions.take(block, ascending)
+    )
+    np.testing.assert_array_equal(got, regions.take(block, region))
+
+
 def test_chunk_ids_for_dense_and_sparse_strides():
     assert regions.chunk_ids(range(5, 23), 8) == [0, 1, 2]
     assert regions.chunk_ids(range(0, 64, 32), 8) == [0, 4]

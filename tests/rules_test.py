@@ -36,13 +36,29 @@ def test_rename_moves_matching_keys_with_backreferences():
 
 def test_rename_onto_an_existing_key_names_both():
     rule = osurg.Rename(r'dense_0/bias', 'embed')
-    with pytest.raises(osurg.AmbiguousRuleError, match="'dense_0/bias' to 'embed', which 'embed'"):
+    with pytest.raises(
+        osurg.AmbiguousRuleError,
+        match="'dense_0/bias' to 'embed', which checkpoint key 'embed' already has",
+    ):
         applied(rule)
     with pytest.raises(
         osurg.AmbiguousRuleError,
-        match="maps 'dense_0/bias' to 'w', which 'dense_0/kernel' already has",
+        match=r"maps 'dense_0/bias' to 'w', which 'dense_0/kernel' \(made 'w' by Rename",
     ):
         applied(osurg.Rename(r'dense_0/.*', 'w'))
+
+
+def test_two_rules_claiming_one_target_name_both_sources():
+    plan = osurg.resolve(
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in SOURCE.items()},
+        {'w': ...},
+        [osurg.Rename('embed', 'w'), osurg.Rename('dense_1/kernel', 'w'), osurg.Drop('dense_0/.*')],
+    )
+    assert isinstance(plan.errors[0], osurg.AmbiguousRuleError)
+    assert (
+        "maps 'dense_1/kernel' to 'w', which 'embed' (made 'w' by Rename(pattern='embed', "
+        "replacement='w')) already has"
+    ) in str(plan.errors[0])
 
 
 def test_copy_keeps_the_original_for_tied_weights():

@@ -119,3 +119,15 @@ def test_damaged_chunks_raise_source_read_error_naming_the_key(tmp_path, ocdbt, 
         with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
             ckptr.restore(tmp_path / 'c', args=osurg.SurgeryRestore(target={'w': ...}))
     assert str(tmp_path / 'c') in str(info.value)
+
+
+def test_a_one_element_backward_slice_reads_one_element(tmp_path):
+    """Found by the property test: TensorStore reads slice(0, None, -1) as two elements."""
+    value = random_array((2,))
+    path = save(tmp_path / 'c', {'w': value})
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            path,
+            args=osurg.SurgeryRestore(target={'w': ...}, rules=[osurg.Slice('w', np.s_[0::-1])]),
+        )
+    np.testing.assert_array_equal(restored['w'], value[0::-1])
