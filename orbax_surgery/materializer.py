@@ -44,7 +44,7 @@ def materialize(
     """Computes the target tree of a checked plan, reading only local shards.
 
     Args:
-        plan: A plan without errors (call `plan.check()` first).
+        plan: The plan; if it has errors, the first is raised before any read.
         source: Where the plan's source arrays are read from.
         max_inflight_bytes: Host bytes read but not yet placed on devices.
         on_bytes: Called with the bytes of each block as it is placed.
@@ -52,7 +52,7 @@ def materialize(
     Returns:
         The target tree, with the target's structure.
     """
-    assert not plan.errors, 'materialize() needs a plan without errors; call plan.check()'
+    plan.check()
     values = run_sync(_materialize(plan, source, max_inflight_bytes, on_bytes))
     return jax.tree_util.tree_unflatten(plan.treedef, [values[k] for k in plan.target_keys])
 
@@ -77,7 +77,6 @@ def apply_rules(
     """
     source = TreeSource(tree)
     plan = resolve(source.arrays, target, rules)
-    plan.check()
     return materialize(plan, source, max_inflight_bytes=max_inflight_bytes)
 
 

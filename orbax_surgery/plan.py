@@ -103,10 +103,12 @@ class Plan:
         if not self.errors:
             return
         first = self.errors[0]
-        for other in self.errors[1:6]:
-            first.add_note(f'Also: {other}')
+        notes = [f'Also: {other}' for other in self.errors[1:6]]
         if len(self.errors) > 6:
-            first.add_note(f'... and {len(self.errors) - 6} more problems; print the plan.')
+            notes.append(f'... and {len(self.errors) - 6} more problems; print the plan.')
+        for note in notes:
+            if note not in getattr(first, '__notes__', ()):
+                first.add_note(note)
         raise first
 
     @property

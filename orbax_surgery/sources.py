@@ -23,6 +23,7 @@ from orbax_surgery import regions
 from orbax_surgery.errors import (
     CheckpointNotFoundError,
     SourceReadError,
+    SurgeryError,
     UnfinalizedCheckpointError,
 )
 from orbax_surgery.expr import Kind, Source
@@ -161,6 +162,11 @@ def key_region(key: KeyPath, region: Region) -> str:
 def _source(key: KeyPath, meta: Any) -> Source:
     if isinstance(meta, ocp.metadata.StringMetadata):
         return Source(key, (), np.dtype(object), None, 'scalar')
+    if not isinstance(meta, ocp.metadata.ArrayMetadata):
+        raise SurgeryError(
+            f'Checkpoint key {key!r} holds a {type(meta).__name__}; surgery restores arrays, '
+            'scalars and strings. Drop it with a rule, or restore it with plain Orbax.'
+        )
     kind: Kind
     if isinstance(meta, ocp.metadata.ScalarMetadata):
         kind = 'scalar'

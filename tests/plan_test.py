@@ -105,6 +105,9 @@ def test_every_error_is_listed_and_check_raises_the_first_with_notes():
     with pytest.raises(osurg.UnmatchedKeyError) as info:
         plan.check()
     assert len(info.value.__notes__) == 3
+    with pytest.raises(osurg.UnmatchedKeyError) as again:
+        plan.check()
+    assert len(again.value.__notes__) == 3
 
 
 def test_ellipsis_and_no_target_infer_shapes_from_the_rules():
