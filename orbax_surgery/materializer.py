@@ -89,9 +89,22 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     else:
         in_loop = True
     if not in_loop:
-        return asyncio.run(coro)
+        return _run_in_new_loop(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(_run_in_new_loop, coro).result()
+
+
+def _run_in_new_loop(coro: Coroutine[Any, Any, T]) -> T:
+    # Not asyncio.run: on Python 3.11 it formats its SIGINT handler on exit, whose
+    # repr includes the main task's result, copying restored arrays to the host.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 class _Budget:

@@ -113,8 +113,10 @@ class OrbaxCheckpoint:
             await self.open([source.key])
         ascending, flips = regions.split_ascending(region)
         index = tuple(regions.to_slice(r) for r in ascending)
+        # Like Orbax: TensorStore copies chunks straight into a buffer we own.
+        block = np.empty(regions.shape_of(ascending), source.dtype)
         try:
-            block = await self._stores[source.key][index].read()
+            await ts.array(block).write(self._stores[source.key][index])
         except ValueError as e:
             raise SourceReadError(
                 f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
