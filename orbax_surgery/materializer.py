@@ -102,6 +102,11 @@ def _run_in_new_loop(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(coro)
     finally:
         try:
+            pending = asyncio.all_tasks(loop)  # Left by a failure: cancel, as asyncio.run does.
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             loop.close()
@@ -120,18 +125,29 @@ class _Budget:
         nbytes = min(nbytes, self._limit)  # A block bigger than the budget runs alone.
         if self._waiting or self._used + nbytes > self._limit:
             turn = asyncio.get_running_loop().create_future()
-            self._waiting.append((nbytes, turn))
-            await turn  # The releaser has counted our bytes.
+            entry = (nbytes, turn)
+            self._waiting.append(entry)
+            try:
+                await turn  # The releaser has counted our bytes.
+            except asyncio.CancelledError:
+                if turn.cancelled():
+                    self._waiting.remove(entry)
+                else:
+                    self._release(nbytes)
+                raise
         else:
             self._used += nbytes
         try:
             yield
         finally:
-            self._used -= nbytes
-            while self._waiting and self._used + self._waiting[0][0] <= self._limit:
-                n, turn = self._waiting.popleft()
-                self._used += n
-                turn.set_result(None)
+            self._release(nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self._used -= nbytes
+        while self._waiting and self._used + self._waiting[0][0] <= self._limit:
+            n, turn = self._waiting.popleft()
+            self._used += n
+            turn.set_result(None)
 
 
 class _Session:

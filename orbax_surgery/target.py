@@ -69,8 +69,10 @@ def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
         return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array')
     if isinstance(x, jax.Array):
         return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array', x)
-    if isinstance(x, np.ndarray | np.generic):
+    if isinstance(x, np.ndarray):
         return TargetLeaf(key, tuple(x.shape), x.dtype, None, 'np.ndarray', x)
+    if isinstance(x, np.generic):
+        return TargetLeaf(key, (), x.dtype, None, 'scalar', x)
     if isinstance(x, bool | int | float | complex):
         return TargetLeaf(key, (), np.asarray(x).dtype, None, 'scalar', x)
     raise SurgeryError(

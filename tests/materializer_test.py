@@ -114,3 +114,39 @@ def test_materialize_raises_the_plans_first_error_before_reading():
 def test_apply_rules_reports_errors_before_computing():
     with pytest.raises(osurg.UnmatchedKeyError, match="'v'"):
         osurg.apply_rules({'w': np.zeros(3)}, {'v': ...})
+
+
+def test_numpy_scalar_targets_keep_their_type():
+    out = osurg.apply_rules({'lr': np.float32(0.5)}, {'lr': np.float32(0)})
+    assert type(out['lr']) is np.float32 and out['lr'] == 0.5
+
+
+def test_progress_hook_sees_every_block_once(mesh8):
+    value = random_array((64, 32))
+    source = osurg.TreeSource({'w': value, 'b': np.ones(4)})
+    target = {'w': sds((64, 32), sharding=NamedSharding(mesh8, P('x'))), 'b': ...}
+    seen = []
+    osurg.materialize(osurg.resolve(source.arrays, target), source, on_bytes=seen.append)
+    assert sorted(seen) == sorted([32] + [8 * 32 * 4] * 8)
+
+
+class FailingSource(osurg.TreeSource):
+    """Fails one key's reads after a pause, while the other leaves wait for budget."""
+
+    async def read(self, source, region):
+        if source.key == 'bad':
+            await asyncio.sleep(0.01)
+            raise osurg.SourceReadError('disk on fire')
+        await asyncio.sleep(0.05)
+        return await super().read(source, region)
+
+
+def test_a_failed_read_cancels_the_rest_cleanly(caplog):
+    tree = {'bad': np.zeros(4), **{f'w{i}': np.zeros((64, 64)) for i in range(6)}}
+    source = FailingSource(tree)
+    plan = osurg.resolve(source.arrays, {k: ... for k in tree})
+    with pytest.raises(osurg.SourceReadError, match='disk on fire'):
+        osurg.materialize(plan, source, max_inflight_bytes=64 * 64 * 8 * 2)
+    assert not [
+        r for r in caplog.records if 'destroyed' in r.getMessage() or 'exception' in r.getMessage()
+    ]
