@@ -45,6 +45,13 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
     """
 
     def __init__(self, *, use_ocdbt: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        """Creates the handler.
+
+        Args:
+            use_ocdbt: Save in Orbax's OCDBT format (its default); restores read either.
+            cache_bytes: TensorStore chunk cache shared by all arrays of one restore, so
+                chunks reused across targets (tied weights) are read once.
+        """
         self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
         self._cache_bytes = cache_bytes
 
