@@ -2,10 +2,11 @@
 
 For a `jax.Array` target, every distinct region in
 `sharding.addressable_devices_indices_map` is evaluated once (replicas share
-it), read from the source, and put on its devices. A leaf's shards are read
-together, so shards that need the same stored chunk share one read. Leaves are
-admitted first come, first served under a byte budget: host memory in flight
-stays under max(budget, one leaf's share on this host) plus the chunk cache.
+it), read from the source, and put on its devices. All shards of a leaf, and
+of every leaf that reads a common stored array (tied weights), are read
+together, so shards that need the same stored chunk share one read. Such groups
+are admitted first come, first served under a byte budget: host memory in
+flight stays under max(budget, one group's share on this host) plus the cache.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
-from orbax_surgery.keys import PyTree
+from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.regions import Region
 from orbax_surgery.sources import ArraySource, TreeSource
@@ -174,38 +175,97 @@ async def _materialize(
     await source.open({s.key for step in plan.steps for s in step.expr.sources()})
     session = _Session(source)
     budget = _Budget(max_inflight_bytes)
-    results = await asyncio.gather(*(_leaf(step, session, budget, on_bytes) for step in plan.steps))
-    return {step.key: value for step, value in zip(plan.steps, results, strict=True)}
+    groups = await asyncio.gather(
+        *(_group(steps, session, budget, on_bytes) for steps in _sharing_groups(plan.steps))
+    )
+    return {key: value for group in groups for key, value in group.items()}
 
 
-async def _leaf(step: Step, session: _Session, budget: _Budget, on_bytes: Progress | None) -> Any:
-    leaf = step.target
-    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
-    if leaf.kind != 'jax.Array':
-        region = regions.full(leaf.shape)
-        async with budget.hold(_inflight_bytes(step, region)):
+def _sharing_groups(steps: Sequence[Step]) -> list[list[Step]]:
+    """Steps that read a common stored array, grouped so they are read together."""
+    owner: dict[KeyPath, int] = {}
+    parent = list(range(len(steps)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, step in enumerate(steps):
+        for src in step.expr.sources():
+            j = owner.setdefault(src.key, i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[Step]] = collections.defaultdict(list)
+    for i, step in enumerate(steps):
+        groups[root(i)].append(step)
+    return list(groups.values())
+
+
+async def _group(
+    steps: Sequence[Step], session: _Session, budget: _Budget, on_bytes: Progress | None
+) -> dict[KeyPath, Any]:
+    """Reads every shard of every step in the group at once, under one budget hold.
+
+    Shards and tied targets that need the same stored chunk then share one read.
+    """
+    jobs = [_LeafJob(step) for step in steps]
+    async with budget.hold(sum(job.inflight_bytes for job in jobs)):
+        values = await asyncio.gather(*(job.run(session, on_bytes) for job in jobs))
+    return {step.key: value for step, value in zip(steps, values, strict=True)}
+
+
+class _LeafJob:
+    """One target leaf: the distinct regions this host holds, and how to place them."""
+
+    def __init__(self, step: Step):
+        leaf = step.target
+        assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
+        self.step = step
+        self.by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
+        if leaf.kind != 'jax.Array':
+            self.by_region[regions.full(leaf.shape)] = []
+        elif not _placed_whole(step):
+            for device, index in self.sharding.addressable_devices_indices_map(leaf.shape).items():
+                assert index is not None, f'{leaf.key!r} has no index on {device}'
+                self.by_region[regions.from_index(index, leaf.shape)].append(device)
+        self.inflight_bytes = sum(_inflight_bytes(step, r) for r in self.by_region)
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding:
+        return self.step.target.sharding or jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0]
+        )
+
+    async def run(self, session: _Session, on_bytes: Progress | None) -> Any:
+        leaf, step = self.step.target, self.step
+        assert leaf.shape is not None
+        if _placed_whole(step):
+            assert isinstance(step.expr, ex.Constant)
+            return jax.device_put(step.expr.value, self.sharding)
+        if leaf.kind != 'jax.Array':
+            block = await _block(step, regions.full(leaf.shape), session, on_bytes)
+            if leaf.kind == 'np.ndarray':
+                return np.array(block, copy=True)
+            value = block.item()
+            return type(leaf.value)(value) if leaf.has_value else value
+
+        async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:
             block = await _block(step, region, session, on_bytes)
-        if leaf.kind == 'np.ndarray':
-            return np.array(block, copy=True)
-        value = block.item()
-        return type(leaf.value)(value) if leaf.has_value else value
-    sharding = leaf.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if isinstance(step.expr, ex.Constant) and isinstance(step.expr.value, jax.Array):
-        return jax.device_put(step.expr.value, sharding)
-    by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
-    for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
-        assert index is not None, f'{leaf.key!r} has no index on {device}'
-        by_region[regions.from_index(index, leaf.shape)].append(device)
+            return [jax.device_put(block, d) for d in devices]
 
-    async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:
-        block = await _block(step, region, session, on_bytes)
-        return [jax.device_put(block, d) for d in devices]
+        placed = await asyncio.gather(*(place(r, ds) for r, ds in self.by_region.items()))
+        shards = [a for group in placed for a in group]
+        return jax.make_array_from_single_device_arrays(leaf.shape, self.sharding, shards)
 
-    # All of a leaf's shards are read together, so shards needing one chunk share its read.
-    async with budget.hold(sum(_inflight_bytes(step, r) for r in by_region)):
-        placed = await asyncio.gather(*(place(r, ds) for r, ds in by_region.items()))
-    shards = [a for group in placed for a in group]
-    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
+
+def _placed_whole(step: Step) -> bool:
+    """A target's own jax.Array (a fallback) is put in place whole, not read by regions."""
+    return (
+        step.target.kind == 'jax.Array'
+        and isinstance(step.expr, ex.Constant)
+        and isinstance(step.expr.value, jax.Array)
+    )
 
 
 def _inflight_bytes(step: Step, region: Region) -> int:

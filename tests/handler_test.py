@@ -186,3 +186,26 @@ def test_restore_with_no_target_gives_what_the_rules_leave(manager_dir, state):
     np.testing.assert_array_equal(
         out['params']['embed']['embedding'], state['params']['embed']['embedding']
     )
+
+
+def test_tied_weights_are_read_once_without_any_cache(tmp_path, mesh8):
+    embedding = random_array((2048, 256))
+    path = save(tmp_path / 'c', {'embed': sharded(embedding, mesh8, 'x')})
+    cols = NamedSharding(mesh8, P(None, 'x'))
+    handler = osurg.SurgeryCheckpointHandler(cache_bytes=0)
+
+    def restore(target, rules):
+        with counting_reads() as read, ocp.Checkpointer(handler) as ckptr:
+            out = ckptr.restore(
+                path,
+                args=osurg.SurgeryRestore(target=target, rules=rules, max_inflight_bytes=2**20),
+            )
+        return out, read[0]
+
+    _, alone = restore({'embed': sds((2048, 256), sharding=cols)}, [])
+    out, tied = restore(
+        {'embed': sds((2048, 256), sharding=cols), 'lm_head': sds((256, 2048), sharding=cols)},
+        [osurg.Copy('embed', 'lm_head'), osurg.Transpose('lm_head', (1, 0))],
+    )
+    np.testing.assert_array_equal(out['lm_head'], embedding.T)
+    assert tied <= 1.05 * alone, (tied, alone)
