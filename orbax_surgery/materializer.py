@@ -4,9 +4,10 @@ For a `jax.Array` target, every distinct region in
 `sharding.addressable_devices_indices_map` is evaluated once (replicas share
 it), read from the source, and put on its devices. All shards of a leaf, and
 of every leaf that reads a common stored array (tied weights), are read
-together, so shards that need the same stored chunk share one read. Such groups
-are admitted first come, first served under a byte budget: host memory in
-flight stays under max(budget, one group's share on this host) plus the cache.
+together, so shards that need the same stored chunk share a read in flight or
+in the chunk cache. Such groups are admitted first come, first served under a
+byte budget: host memory in flight stays under max(budget, one group's share on
+this host) plus the cache.
 """
 
 from __future__ import annotations
