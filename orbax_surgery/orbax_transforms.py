@@ -28,9 +28,9 @@ from orbax_surgery.keys import (
     flatten,
     nest,
 )
-from orbax_surgery.rules import Entry, Target, Tree, fn_name
+from orbax_surgery.rules import Entry, Target, Tree, fn_name, predict_or_explain
 from orbax_surgery.target import TargetLeaf
-from orbax_surgery.value_fns import Apply, predict
+from orbax_surgery.value_fns import Apply
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -170,14 +170,11 @@ def _output(
 ) -> jax.ShapeDtypeStruct:
     """A value function's output, by tracing, else the target leaf's shape."""
     try:
-        return predict(fn, *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in parts))
-    except Exception as e:
+        return predict_or_explain(fn, *parts, fix='Give that target leaf a jax.ShapeDtypeStruct.')
+    except RuleError as e:
         if leaf.shape is not None and leaf.dtype is not None:
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-        raise RuleError(
-            f'Cannot tell what {fn_name(fn)} returns for target {key!r} without running it '
-            f'({type(e).__name__}: {e}). Give that target leaf a jax.ShapeDtypeStruct.'
-        ) from e
+        raise RuleError(f'For target {key!r}: {e}') from e
 
 
 def _trace(

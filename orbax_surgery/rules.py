@@ -368,7 +368,11 @@ class Combine(_Pattern):
         return out
 
 
-def predict_or_explain(fn: Callable[..., Any], *parts: ex.Expr) -> jax.ShapeDtypeStruct:
+def predict_or_explain(
+    fn: Callable[..., Any],
+    *parts: ex.Expr,
+    fix: str = 'Pass out=jax.ShapeDtypeStruct(shape, dtype).',
+) -> jax.ShapeDtypeStruct:
     """The output a function will give on `parts`, or a RuleError saying why not."""
     try:
         return predict(fn, *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in parts))
@@ -376,8 +380,7 @@ def predict_or_explain(fn: Callable[..., Any], *parts: ex.Expr) -> jax.ShapeDtyp
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise RuleError(
             f'cannot tell what {fn_name(fn)} returns for {", ".join(_sig(p) for p in parts)} '
-            f'without running it ({type(e).__name__}: {reason}). '
-            'Pass out=jax.ShapeDtypeStruct(shape, dtype).'
+            f'without running it ({type(e).__name__}: {reason}). {fix}'
         ) from e
 
 

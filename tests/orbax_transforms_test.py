@@ -276,3 +276,22 @@ def test_bad_transform_regex_and_backreference_fail_when_built():
         osurg.OrbaxTransforms({'(a': ocp.Transform(original_key='a')})
     with pytest.raises(osurg.RuleError, match='group'):
         osurg.SurgeryRestore(target={}, rules={r'(a)': ocp.Transform(original_key=r'\2')})
+
+
+def test_untraceable_value_fn_takes_the_target_shape_or_says_what_to_give():
+    def reverse(v):
+        return np.asarray(v)[::-1].copy()
+
+    source = {'w': jax.ShapeDtypeStruct((3,), np.float32)}
+    transforms = {'w': ocp.Transform(value_fn=reverse)}
+    shaped = osurg.resolve(source, {'w': jax.ShapeDtypeStruct((3,), np.float32)}, transforms)
+    assert shaped.errors == () and shaped.steps[0].target.shape == (3,)
+    (error,) = osurg.resolve(source, {'w': ...}, transforms).errors
+    assert isinstance(error, osurg.RuleError)
+    assert "For target 'w': cannot tell what reverse returns for (3,) float32" in str(error)
+    assert str(error).endswith('Give that target leaf a jax.ShapeDtypeStruct.')
+    assert '\n' not in str(error)
+    out = osurg.apply_rules(
+        {'w': np.arange(3, dtype=np.float32)}, {'w': np.zeros(3, np.float32)}, transforms
+    )
+    np.testing.assert_array_equal(out['w'], [2.0, 1.0, 0.0])
