@@ -34,6 +34,7 @@ from orbax_surgery.rules import (
     Transpose,
 )
 from orbax_surgery.sources import OrbaxCheckpoint, TreeSource
+from orbax_surgery.stacking import Stack, Unstack
 
 __version__ = '0.1.0'
 
@@ -56,6 +57,7 @@ __all__ = [
     'ShapeMismatchError',
     'Slice',
     'SourceReadError',
+    'Stack',
     'Step',
     'SurgeryCheckpointHandler',
     'SurgeryError',
@@ -64,6 +66,7 @@ __all__ = [
     'Transpose',
     'TreeSource',
     'UnfinalizedCheckpointError',
+    'Unstack',
     'UnmatchedKeyError',
     'UnusedKeyError',
     'apply_rules',
