@@ -70,9 +70,14 @@ class Expr(abc.ABC):
         for c in self.children:
             yield from c.sources()
 
-    @abc.abstractmethod
+    def child_regions(self, region: Region) -> Iterator[tuple[Expr, Region]]:
+        """The region of each child that computing `region` evaluates, in order."""
+        return iter(())
+
     def requests(self, region: Region) -> Iterator[tuple[Source, Region]]:
         """The stored regions that computing `region` of this array reads."""
+        for child, sub in self.child_regions(region):
+            yield from child.requests(sub)
 
     @abc.abstractmethod
     async def evaluate(self, region: Region, ctx: EvalContext) -> np.ndarray:
@@ -138,9 +143,6 @@ class Constant(Expr):
             return 'jax.Array'
         return 'np.ndarray' if isinstance(self.value, np.ndarray) else 'scalar'
 
-    def requests(self, region):
-        return iter(())
-
     async def evaluate(self, region, ctx):
         return np.asarray(regions.take(np.asarray(self.value), region))
 
@@ -168,8 +170,8 @@ class _OneInput(Expr):
     def _input_region(self, region: Region) -> Region:
         return region
 
-    def requests(self, region):
-        return self.base.requests(self._input_region(region))
+    def child_regions(self, region):
+        yield self.base, self._input_region(region)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,10 +353,10 @@ class Stack(Expr):
     def _split(self, region: Region) -> tuple[range, Region]:
         return region[self.axis], region[: self.axis] + region[self.axis + 1 :]
 
-    def requests(self, region):
+    def child_regions(self, region):
         which, rest = self._split(region)
         for k in which:
-            yield from self.parts[k].requests(rest)
+            yield self.parts[k], rest
 
     async def evaluate(self, region, ctx):
         which, rest = self._split(region)
@@ -403,9 +405,8 @@ class Concat(Expr):
         for piece, _, sub in regions.pieces(region[self.axis], sizes):
             yield self.parts[piece], region[: self.axis] + (sub,) + region[self.axis + 1 :]
 
-    def requests(self, region):
-        for part, sub in self._pieces(region):
-            yield from part.requests(sub)
+    def child_regions(self, region):
+        return self._pieces(region)
 
     async def evaluate(self, region, ctx):
         jobs = [part.evaluate(sub, ctx) for part, sub in self._pieces(region)]

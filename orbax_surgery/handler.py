@@ -49,8 +49,8 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
 
         Args:
             use_ocdbt: Save in Orbax's OCDBT format (its default); restores read either.
-            cache_bytes: TensorStore chunk cache shared by all arrays of one restore, so
-                chunks reused across targets (tied weights) are read once while they fit.
+            cache_bytes: TensorStore chunk cache shared by all arrays of one restore.
+                Off by default: a restore already reads each stored chunk once per host.
         """
         self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
         self._cache_bytes = cache_bytes

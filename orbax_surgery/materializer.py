@@ -1,13 +1,13 @@
 """Turning a plan into arrays: each host computes only its addressable shards.
 
 For a `jax.Array` target, every distinct region in
-`sharding.addressable_devices_indices_map` is evaluated once (replicas share
-it), read from the source, and put on its devices. All shards of a leaf, and
-of every leaf that reads a common stored array (tied weights), are read
-together, so shards that need the same stored chunk share a read in flight or
-in the chunk cache. Such groups are admitted first come, first served under a
-byte budget: host memory in flight stays under max(budget, one group's share on
-this host) plus the cache.
+`sharding.addressable_devices_indices_map` is a block, evaluated once (replicas
+share it) and put on its devices. A `Session` reads each stored chunk once per
+host, however many blocks of however many leaves need it (see
+`orbax_surgery.session`). Blocks are admitted first come, first served under a
+byte budget, in an order that keeps blocks sharing a chunk together: host
+memory in flight stays under the budget plus the shared chunks in use (each
+kept only if it fits in the budget; bigger ones are read per use).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import jax
@@ -24,11 +24,11 @@ import numpy as np
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
-from orbax_surgery.keys import KeyPath, PyTree
+from orbax_surgery.keys import PyTree
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.regions import Region
+from orbax_surgery.session import Session, Usage
 from orbax_surgery.sources import ArraySource, TreeSource
-from orbax_surgery.value_fns import Apply
 
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20
 
@@ -152,68 +152,25 @@ class _Budget:
             turn.set_result(None)
 
 
-class _Session:
-    """The evaluation context of one restore: reads, and whole-array results."""
-
-    def __init__(self, source: ArraySource):
-        self._source = source
-        self._whole: dict[int, asyncio.Task[np.ndarray]] = {}
-
-    async def read(self, source: ex.Source, region: Region) -> np.ndarray:
-        return await self._source.read(source, region)
-
-    async def whole(self, node: Apply) -> np.ndarray:
-        task = self._whole.get(id(node))
-        if task is None:
-            task = asyncio.ensure_future(node.evaluate_whole(self))
-            self._whole[id(node)] = task
-        return await task
-
-
 async def _materialize(
     plan: Plan, source: ArraySource, max_inflight_bytes: int, on_bytes: Progress | None
 ) -> dict[str, Any]:
     await source.open({s.key for step in plan.steps for s in step.expr.sources()})
-    session = _Session(source)
+    jobs = [_LeafJob(step) for step in plan.steps]
+    blocks = [(job, region) for job in jobs for region in job.by_region]
+    usage = Usage.count((job.step.expr, region) for job, region in blocks)
+    session = Session(source, usage, keep_limit=max_inflight_bytes)
     budget = _Budget(max_inflight_bytes)
-    groups = await asyncio.gather(
-        *(_group(steps, session, budget, on_bytes) for steps in _sharing_groups(plan.steps))
-    )
-    return {key: value for group in groups for key, value in group.items()}
 
+    async def compute(job: _LeafJob, region: Region) -> Any:
+        async with budget.hold(_inflight_bytes(job.step, region)):
+            block = await _block(job.step, region, session, on_bytes)
+            return job.place(region, block)
 
-def _sharing_groups(steps: Sequence[Step]) -> list[list[Step]]:
-    """Steps that read a common stored array, grouped so they are read together."""
-    owner: dict[KeyPath, int] = {}
-    parent = list(range(len(steps)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, step in enumerate(steps):
-        for src in step.expr.sources():
-            j = owner.setdefault(src.key, i)
-            parent[root(i)] = root(j)
-    groups: dict[int, list[Step]] = collections.defaultdict(list)
-    for i, step in enumerate(steps):
-        groups[root(i)].append(step)
-    return list(groups.values())
-
-
-async def _group(
-    steps: Sequence[Step], session: _Session, budget: _Budget, on_bytes: Progress | None
-) -> dict[KeyPath, Any]:
-    """Reads every shard of every step in the group at once, under one budget hold.
-
-    Shards and tied targets that need the same stored chunk then share one read.
-    """
-    jobs = [_LeafJob(step) for step in steps]
-    async with budget.hold(sum(job.inflight_bytes for job in jobs)):
-        values = await asyncio.gather(*(job.run(session, on_bytes) for job in jobs))
-    return {step.key: value for step, value in zip(steps, values, strict=True)}
+    # Tasks start in this order, so the budget admits blocks that share chunks together.
+    tasks = {i: asyncio.ensure_future(compute(*blocks[i])) for i in usage.order()}
+    done = iter(await asyncio.gather(*(tasks[i] for i in range(len(blocks)))))
+    return {job.step.key: job.assemble([next(done) for _ in job.by_region]) for job in jobs}
 
 
 class _LeafJob:
@@ -230,7 +187,6 @@ class _LeafJob:
             for device, index in self.sharding.addressable_devices_indices_map(leaf.shape).items():
                 assert index is not None, f'{leaf.key!r} has no index on {device}'
                 self.by_region[regions.from_index(index, leaf.shape)].append(device)
-        self.inflight_bytes = sum(_inflight_bytes(step, r) for r in self.by_region)
 
     @property
     def sharding(self) -> jax.sharding.Sharding:
@@ -238,24 +194,25 @@ class _LeafJob:
             jax.local_devices()[0]
         )
 
-    async def run(self, session: _Session, on_bytes: Progress | None) -> Any:
+    def place(self, region: Region, block: np.ndarray) -> Any:
+        """A computed block put on its devices, so it no longer counts as in flight."""
+        if self.step.target.kind != 'jax.Array':
+            return block
+        return [jax.device_put(block, d) for d in self.by_region[region]]
+
+    def assemble(self, placed: list[Any]) -> Any:
+        """The target leaf from its placed blocks, in `by_region` order."""
         leaf, step = self.step.target, self.step
         assert leaf.shape is not None
         if _placed_whole(step):
             assert isinstance(step.expr, ex.Constant)
             return jax.device_put(step.expr.value, self.sharding)
         if leaf.kind != 'jax.Array':
-            block = await _block(step, regions.full(leaf.shape), session, on_bytes)
+            (block,) = placed
             if leaf.kind == 'np.ndarray':
                 return np.array(block, copy=True)
             value = block.item()
             return type(leaf.value)(value) if leaf.has_value else value
-
-        async def place(region: Region, devices: list[jax.Device]) -> list[jax.Array]:
-            block = await _block(step, region, session, on_bytes)
-            return [jax.device_put(block, d) for d in devices]
-
-        placed = await asyncio.gather(*(place(r, ds) for r, ds in self.by_region.items()))
         shards = [a for group in placed for a in group]
         return jax.make_array_from_single_device_arrays(leaf.shape, self.sharding, shards)
 
@@ -277,7 +234,7 @@ def _inflight_bytes(step: Step, region: Region) -> int:
 
 
 async def _block(
-    step: Step, region: Region, session: _Session, on_bytes: Progress | None
+    step: Step, region: Region, session: Session, on_bytes: Progress | None
 ) -> np.ndarray:
     block = await step.expr.evaluate(region, session)
     assert block.shape == regions.shape_of(region), (step.key, block.shape, region)

@@ -116,8 +116,8 @@ class Rename(_Move):
 class Copy(_Move):
     r"""Adds a copy of each matching key under `replacement`: tied weights.
 
-    Targets sharing an array are read together, and a host reads the array once
-    when its chunks fit in the restore's chunk cache (64 MiB by default).
+    A host reads each stored chunk once however many targets use it (see
+    `orbax_surgery.session`).
 
     Example:
         >>> Copy('embed/embedding', 'lm_head/embedding')

@@ -30,7 +30,7 @@ from orbax_surgery.expr import Kind, Source
 from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
 from orbax_surgery.regions import Region
 
-DEFAULT_CACHE_BYTES = 64 * 2**20
+DEFAULT_CACHE_BYTES = 0
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
@@ -52,8 +52,9 @@ class OrbaxCheckpoint:
     """An Orbax PyTree checkpoint item, opened for lazy region reads.
 
     Opening reads only metadata (the tree structure, shapes, dtypes, chunks).
-    All arrays share one TensorStore context whose chunk cache (`cache_bytes`)
-    lets several shards and targets reuse a chunk instead of reading it again.
+    All arrays share one TensorStore context with an optional chunk cache
+    (`cache_bytes`, off by default: a restore's `Session` already reads each
+    chunk once and keeps it only while it is needed).
 
     Example:
         >>> import tempfile, numpy as np

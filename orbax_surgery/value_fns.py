@@ -37,9 +37,9 @@ class Elementwise(Expr):
     def children(self):
         return self.parts
 
-    def requests(self, region):
+    def child_regions(self, region):
         for p in self.parts:
-            yield from p.requests(region)
+            yield p, region
 
     async def evaluate(self, region, ctx):
         blocks = await asyncio.gather(*(p.evaluate(region, ctx) for p in self.parts))
@@ -70,9 +70,9 @@ class Apply(Expr):
     def children(self):
         return self.parts
 
-    def requests(self, region):
+    def child_regions(self, region):
         for p in self.parts:
-            yield from p.requests(regions.full(p.shape))
+            yield p, regions.full(p.shape)
 
     async def evaluate(self, region, ctx):
         return regions.take(await ctx.whole(self), region)

@@ -192,7 +192,7 @@ def test_tied_weights_are_read_once(tmp_path, mesh8):
     embedding = random_array((2048, 256))
     path = save(tmp_path / 'c', {'embed': sharded(embedding, mesh8, 'x')})
     cols = NamedSharding(mesh8, P(None, 'x'))
-    handler = osurg.SurgeryCheckpointHandler()  # Its chunk cache holds all 2 MiB.
+    handler = osurg.SurgeryCheckpointHandler()  # No chunk cache: the session reads once.
 
     def restore(target, rules):
         with counting_reads() as read, ocp.Checkpointer(handler) as ckptr:

@@ -1,0 +1,201 @@
+"""One restore's reads: each stored chunk once per host, freed after its last use.
+
+Before anything is read, `Usage.count` walks every block this host will compute
+(a target leaf's region) down to the stored regions it reads, and counts how
+many reads touch each stored chunk. `Session` is then the evaluation context:
+a chunk touched by one read is read straight into that read's buffer; a chunk
+touched by several (a stacked array saved as one chunk and unrolled, tied
+weights, shards that straddle a chunk) is read whole once, kept, and freed when
+its last read is served. Whole-array functions (`Apply`) run once and are freed
+the same way. `Usage.order` puts blocks that share a chunk next to each other,
+so kept chunks live briefly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from orbax_surgery import expr as ex
+from orbax_surgery import regions
+from orbax_surgery.keys import KeyPath
+from orbax_surgery.regions import Region
+from orbax_surgery.sources import ArraySource
+from orbax_surgery.value_fns import Apply
+
+ChunkId = tuple[KeyPath, tuple[int, ...]]
+Block = tuple[ex.Expr, Region]
+
+
+@dataclasses.dataclass
+class Usage:
+    """How often this host's blocks read each stored chunk and each whole-array result."""
+
+    chunks: collections.Counter[ChunkId] = dataclasses.field(default_factory=collections.Counter)
+    applies: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+    block_chunks: list[list[ChunkId]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def count(cls, blocks: Iterable[Block]) -> Usage:
+        """Counts the reads evaluating `blocks` will make, exactly as evaluation makes them."""
+        usage = cls()
+        for expr, region in blocks:
+            touched: list[ChunkId] = []
+            usage._walk(expr, region, touched)
+            usage.block_chunks.append(touched)
+        return usage
+
+    def _walk(self, node: ex.Expr, region: Region, touched: list[ChunkId]) -> None:
+        if isinstance(node, ex.Source):
+            if node.chunk_shape is not None:
+                for c in regions.chunk_cover(region, node.chunk_shape):
+                    self.chunks[node.key, c] += 1
+                    touched.append((node.key, c))
+            return
+        if isinstance(node, Apply):
+            self.applies[id(node)] += 1
+            if self.applies[id(node)] > 1:
+                return  # Computed once per restore: its inputs are read once.
+        for child, sub in node.child_regions(region):
+            self._walk(child, sub, touched)
+
+    def order(self) -> list[int]:
+        """Block indices, those sharing a chunk next to each other, others as given."""
+
+        def key(i: int) -> tuple[int, ChunkId | tuple[()], int]:
+            shared = [c for c in self.block_chunks[i] if self.chunks[c] > 1]
+            return (0, min(shared), i) if shared else (1, (), i)
+
+        return sorted(range(len(self.block_chunks)), key=key)
+
+
+class Session:
+    """The evaluation context of one restore (see the module docstring).
+
+    Args:
+        source: Where stored arrays are read.
+        usage: The counted reads of every block that will be evaluated.
+        keep_limit: Chunks bigger than this are read again by each use rather
+            than kept, so memory stays bounded.
+    """
+
+    def __init__(self, source: ArraySource, usage: Usage, keep_limit: int):
+        self._source = source
+        self._left = {c: n for c, n in usage.chunks.items() if n > 1}
+        self._keep_limit = keep_limit
+        self._kept: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
+        self._nbytes: dict[ChunkId, int] = {}
+        self._applies = collections.Counter(usage.applies)
+        self._whole: dict[int, asyncio.Task[np.ndarray]] = {}
+        self.kept_bytes = 0
+        self.peak_kept_bytes = 0
+        """The most bytes of shared chunks held at once."""
+
+    async def whole(self, node: Apply) -> np.ndarray:
+        task = self._whole.get(id(node))
+        if task is None:
+            task = asyncio.ensure_future(node.evaluate_whole(self))
+            self._whole[id(node)] = task
+        try:
+            return await task
+        finally:
+            self._applies[id(node)] -= 1
+            if self._applies[id(node)] <= 0:
+                self._whole.pop(id(node), None)
+
+    async def read(self, source: ex.Source, region: Region) -> np.ndarray:
+        grid = source.chunk_shape
+        if grid is None:
+            return await self._source.read(source, region)
+        pieces = _chunk_pieces(region, source.shape, grid)
+        kept = [self._keeps(source, c) for c, _, _ in pieces]
+        if not any(kept):
+            self._forget(source.key, (c for c, _, _ in pieces))
+            return await self._source.read(source, region)
+        out = np.empty(regions.shape_of(region), source.dtype)
+
+        async def fill(chunk: tuple[int, ...], at: tuple[slice, ...], sub: Region, keep: bool):
+            if keep:
+                whole = await self._chunk(source, chunk)
+                out[at] = regions.take(whole, _local(sub, chunk, grid))
+                self._forget(source.key, [chunk])
+            else:
+                out[at] = await self._source.read(source, sub)
+
+        await asyncio.gather(*(fill(*p, k) for p, k in zip(pieces, kept, strict=True)))
+        return out
+
+    def _keeps(self, source: ex.Source, chunk: tuple[int, ...]) -> bool:
+        if (source.key, chunk) not in self._left:
+            return False
+        assert source.chunk_shape is not None
+        nbytes = math.prod(len(r) for r in _chunk_region(chunk, source.shape, source.chunk_shape))
+        return nbytes * source.dtype.itemsize <= self._keep_limit
+
+    def _forget(self, key: KeyPath, chunks: Iterable[tuple[int, ...]]) -> None:
+        """One use of each chunk is served; the last use frees it."""
+        for chunk in chunks:
+            left = self._left.get((key, chunk))
+            if left is None:
+                continue
+            if left <= 1:
+                del self._left[key, chunk]
+                task = self._kept.pop((key, chunk), None)
+                if task is not None:
+                    self.kept_bytes -= self._nbytes.pop((key, chunk))
+            else:
+                self._left[key, chunk] = left - 1
+
+    async def _chunk(self, source: ex.Source, chunk: tuple[int, ...]) -> np.ndarray:
+        task = self._kept.get((source.key, chunk))
+        if task is None:
+            assert source.chunk_shape is not None
+            region = _chunk_region(chunk, source.shape, source.chunk_shape)
+            task = asyncio.ensure_future(self._source.read(source, region))
+            self._kept[source.key, chunk] = task
+            self._nbytes[source.key, chunk] = regions.size_of(region) * source.dtype.itemsize
+            self.kept_bytes += self._nbytes[source.key, chunk]
+            self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
+        return await task
+
+
+def _chunk_region(chunk: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> Region:
+    return tuple(
+        range(c * g, min((c + 1) * g, n)) for c, g, n in zip(chunk, grid, shape, strict=True)
+    )
+
+
+def _chunk_pieces(
+    region: Region, shape: Sequence[int], grid: Sequence[int]
+) -> list[tuple[tuple[int, ...], tuple[slice, ...], Region]]:
+    """`region` cut at chunk boundaries: (chunk, where in the result, stored region)."""
+    per_axis = []
+    for r, n, g in zip(region, shape, grid, strict=True):
+        g = max(g, 1)
+        sizes = [min(g, n - start) for start in range(0, n, g)]
+        per_axis.append(list(regions.pieces(r, sizes)))
+    out = []
+    for combo in itertools.product(*per_axis):
+        chunk = tuple(c for c, _, _ in combo)
+        at = tuple(slice(pos.start, pos.stop) for _, pos, _ in combo)
+        sub = tuple(
+            range(s.start + c * g, s.stop + c * g, s.step)
+            for (c, _, s), g in zip(combo, grid, strict=True)
+        )
+        out.append((chunk, at, sub))
+    return out
+
+
+def _local(sub: Region, chunk: Sequence[int], grid: Sequence[int]) -> Region:
+    """A stored region relative to the start of its chunk."""
+    return tuple(
+        range(r.start - c * g, r.stop - c * g, r.step)
+        for r, c, g in zip(sub, chunk, grid, strict=True)
+    )
+
