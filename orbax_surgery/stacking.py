@@ -24,7 +24,7 @@ from orbax_surgery.errors import (
     SurgeryError,
     UnmatchedKeyError,
 )
-from orbax_surgery.keys import KeyPath, check_template
+from orbax_surgery.keys import KeyPath, check_template, compile_pattern
 from orbax_surgery.rules import Entry, Target, Tree, _origin, _Pattern
 
 LAYER = '{i}'
@@ -136,30 +136,41 @@ class Unstack(_Layers):
 class Stack(_Layers):
     r"""Stacks per-layer arrays into one scanned array per parameter.
 
-    `pattern` must have a named group `i` for the layer number. Keys that
-    differ only in it are stacked along `axis`, in the order of `layers`
-    (default: all, 0, 1, ...), under `replacement` (backreferences work).
+    `{i}` in `pattern` stands for the layer number (or write the named group
+    `(?P<i>\d+)` yourself). Keys that differ only in it are stacked along
+    `axis`, in the order of `layers` (default: all, 0, 1, ...), under
+    `replacement`, whose backreferences count only the pattern's own groups.
 
     Example:
-        >>> Stack(r'layers_(?P<i>\d+)/(.*)', r'layers/\2')
-        Stack(pattern='layers_(?P<i>\\d+)/(.*)', replacement='layers/\\2', axis=0, layers=None)
+        >>> Stack(r'layers_{i}/(.*)', r'layers/\1')
+        Stack(pattern='layers_{i}/(.*)', replacement='layers/\\1', axis=0, layers=None)
     """
+
+    _names: re.Pattern[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if 'i' not in self._re.groupindex:
+        names = self._re
+        if LAYER in self.pattern:
+            numbered = self.pattern.replace(LAYER, r'(?P<i>\d+)')
+            object.__setattr__(self, '_re', compile_pattern(numbered, repr(self)))
+            names = compile_pattern(self.pattern.replace(LAYER, r'\d+'), repr(self))
+        elif 'i' not in self._re.groupindex:
             raise RuleError(
-                f'{self!r}: the pattern needs a named group for the layer number, '
-                r"e.g. 'layers_(?P<i>\d+)/(.*)'."
+                f'{self!r}: the pattern needs {LAYER} (or a named group (?P<i>\\d+)) where '
+                r"the layer number is, e.g. 'layers_{i}/(.*)'."
             )
-        check_template(self._re, self.replacement, repr(self))
+        object.__setattr__(self, '_names', names)
+        check_template(names, self.replacement, repr(self))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         families: dict[str, dict[int, KeyPath]] = collections.defaultdict(dict)
         for key, m in self._matching(list(tree), 'checkpoint'):
             if not m['i'].isdigit():
                 raise RuleError(f'{self!r}: the layer number of {key!r} is {m["i"]!r}, not digits.')
-            layer = families[m.expand(self.replacement)]
+            named = self._names.fullmatch(key)
+            assert named is not None, (self._names.pattern, key)
+            layer = families[named.expand(self.replacement)]
             if int(m['i']) in layer:
                 raise AmbiguousRuleError(
                     f'{self!r} finds layer {int(m["i"])} of the same stack twice: '

@@ -19,7 +19,7 @@ SCANNED = {
     'embed': np.ones((5, 3), np.float32),
 }
 UNROLL = osurg.Unstack(r'layers/(.*)', r'layers_{i}/\1')
-STACK = osurg.Stack(r'layers_(?P<i>\d+)/(.*)', r'layers/\2')
+STACK = osurg.Stack(r'layers_{i}/(.*)', r'layers/\1')
 
 
 def unrolled(tree=SCANNED, layers=range(L), axis=0):
@@ -229,7 +229,7 @@ def test_rules_are_checked_when_built():
         osurg.RuleError, match=r"needs \{i\} where the layer number goes, e.g. 'layers_\{i\}'"
     ):
         osurg.Unstack('layers/(.*)', 'layers')
-    with pytest.raises(osurg.RuleError, match=r'needs a named group for the layer number'):
+    with pytest.raises(osurg.RuleError, match=r'needs \{i\} \(or a named group'):
         osurg.Stack(r'layers_(\d+)/(.*)', r'layers/\2')
     with pytest.raises(osurg.RuleError, match='name a layer twice'):
         osurg.Unstack('layers/(.*)', r'l{i}/\1', layers=[1, 1])
