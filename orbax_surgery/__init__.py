@@ -33,6 +33,7 @@ from orbax_surgery.rules import (
     Slice,
     Transpose,
 )
+from orbax_surgery.saving import layer_save_args
 from orbax_surgery.sources import OrbaxCheckpoint, TreeSource
 from orbax_surgery.stacking import Stack, Unstack
 
@@ -70,6 +71,7 @@ __all__ = [
     'UnmatchedKeyError',
     'UnusedKeyError',
     'apply_rules',
+    'layer_save_args',
     'materialize',
     'plan_restore',
     'resolve',

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -20,7 +21,8 @@ from orbax_surgery.keys import PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
-from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
+from orbax_surgery.saving import layer_save_args, merge_save_args, plan_save, save_with_rules
+from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint, TreeSource
 
 
 class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
@@ -67,10 +69,27 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
             raise SurgeryError(
                 'SurgeryCheckpointHandler saves only with args=SurgerySave(item=...).'
             )
+        if args.planned is not None:
+            await save_with_rules(
+                self._impl._handler_impl,  # noqa: SLF001 - the PyTree handler's own writer.
+                directory,
+                source=args.planned[0],
+                plan=args.planned[1],
+                save_args=args.save_args,
+                layer_axes=args.layer_axes,
+                custom_metadata=args.custom_metadata,
+                max_inflight_bytes=args.max_inflight_bytes,
+            )
+            return []
+        save_args = args.save_args
+        if args.layer_axes:
+            save_args = layer_save_args(args.item, args.layer_axes)
+            if args.save_args is not None:
+                save_args = jax.tree.map(merge_save_args, args.save_args, save_args)
         return await self._impl.async_save(
             directory,
             args=ocp.args.PyTreeSave(
-                item=args.item, save_args=args.save_args, custom_metadata=args.custom_metadata
+                item=args.item, save_args=save_args, custom_metadata=args.custom_metadata
             ),
         )
 
@@ -108,20 +127,45 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_save=True)
 @dataclasses.dataclass(kw_only=True)
 class SurgerySave(ocp.args.CheckpointArgs):
-    """Saves a tree as `ocp.args.StandardSave` would, through the surgery handler.
+    """Saves a tree, optionally in another layout, as an ordinary Orbax checkpoint.
 
-    Use it when one `CheckpointManager` both saves and restores with surgery:
-    a manager binds one handler to each item.
+    Without rules or target it saves as `ocp.args.StandardSave` would. With
+    them, the saved tree is `item` transformed by `rules` into `target`
+    (e.g. an unrolled model saved scanned), computed a few leaves at a time
+    so the converted tree never exists whole in memory.
 
     Attributes:
         item: The tree to save.
-        save_args: Optional tree of `ocp.SaveArgs`, as for `PyTreeSave`.
+        rules: Rules from `item`'s keys to the saved tree's, as for restoring.
+        target: The saved tree's leaves (shapes, dtypes, shardings), or None
+            to take them from the rules. Leaves without a sharding inherit
+            their input's (a stack adds an unpartitioned layer axis).
+        save_args: Optional tree of `ocp.SaveArgs` for the saved tree.
+        layer_axes: `{key regex: layer axis}` of saved stacked arrays to store
+            one layer per chunk, so later single-layer reads read only it.
         custom_metadata: JSON-serializable metadata stored with the tree.
+        max_inflight_bytes: Host bytes of converted leaves computed at once.
+        planned: The checked plan, made when the args are built, so that bad
+            rules raise there, before Orbax starts a checkpoint.
     """
 
     item: PyTree
+    rules: Sequence[Rule] | Mapping[str, Any] = ()
+    target: PyTree = None
     save_args: PyTree | None = None
+    layer_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     custom_metadata: dict[str, Any] | None = None
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    planned: tuple[TreeSource, Plan] | None = dataclasses.field(
+        init=False, default=None, repr=False, compare=False
+    )
+
+    def __post_init__(self):
+        self.rules = _checked_rules(self.rules)
+        _check_budget(self.max_inflight_bytes)
+        # Planned here, so a bad rule fails before Orbax starts a checkpoint.
+        if self.rules or self.target is not None:
+            self.planned = plan_save(self.item, self.target, self.rules)
 
 
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_restore=True)
@@ -146,17 +190,8 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
 
     def __post_init__(self):
-        self.rules = normalize_rules(self.rules)
-        for i, rule in enumerate(self.rules):
-            if not callable(getattr(rule, 'apply', None)):
-                raise RuleError(
-                    f'rules[{i}] is a {type(rule).__name__}, not a rule. Pass Orbax transforms '
-                    'as one dict {target_regex: Transform}, or wrap it in OrbaxTransforms.'
-                )
-        if self.max_inflight_bytes <= 0:
-            raise SurgeryError(
-                f'max_inflight_bytes must be positive, not {self.max_inflight_bytes}.'
-            )
+        self.rules = _checked_rules(self.rules)
+        _check_budget(self.max_inflight_bytes)
 
 
 def plan_restore(
@@ -179,6 +214,22 @@ def plan_restore(
         ((), ('w',), 128)
     """
     return resolve(OrbaxCheckpoint(directory).arrays, target, rules)
+
+
+def _checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:
+    checked = normalize_rules(rules)
+    for i, rule in enumerate(checked):
+        if not callable(getattr(rule, 'apply', None)):
+            raise RuleError(
+                f'rules[{i}] is a {type(rule).__name__}, not a rule. Pass Orbax transforms '
+                'as one dict {target_regex: Transform}, or wrap it in OrbaxTransforms.'
+            )
+    return checked
+
+
+def _check_budget(max_inflight_bytes: int) -> None:
+    if max_inflight_bytes <= 0:
+        raise SurgeryError(f'max_inflight_bytes must be positive, not {max_inflight_bytes}.')
 
 
 def _reject_positional(item: Any, args_name: str) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -24,7 +24,7 @@ import numpy as np
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
-from orbax_surgery.keys import PyTree
+from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.regions import Region
 from orbax_surgery.session import Session, Usage
@@ -55,7 +55,7 @@ def materialize(
         The target tree, with the target's structure.
     """
     plan.check()
-    values = run_sync(_materialize(plan, source, max_inflight_bytes, on_bytes))
+    values = run_sync(compute_leaves(plan.steps, source, max_inflight_bytes, on_bytes))
     return jax.tree_util.tree_unflatten(plan.treedef, [values[k] for k in plan.target_keys])
 
 
@@ -152,11 +152,15 @@ class _Budget:
             turn.set_result(None)
 
 
-async def _materialize(
-    plan: Plan, source: ArraySource, max_inflight_bytes: int, on_bytes: Progress | None
-) -> dict[str, Any]:
-    await source.open({s.key for step in plan.steps for s in step.expr.sources()})
-    jobs = [_LeafJob(step) for step in plan.steps]
+async def compute_leaves(
+    steps: Sequence[Step],
+    source: ArraySource,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    on_bytes: Progress | None = None,
+) -> dict[KeyPath, Any]:
+    """The values of `steps` (checked steps of a plan), by target key."""
+    await source.open({s.key for step in steps for s in step.expr.sources()})
+    jobs = [_LeafJob(step) for step in steps]
     blocks = [(job, region) for job in jobs for region in job.by_region]
     usage = Usage.count((job.step.expr, region) for job, region in blocks)
     session = Session(source, usage, keep_limit=max_inflight_bytes)

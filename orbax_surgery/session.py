@@ -198,4 +198,3 @@ def _local(sub: Region, chunk: Sequence[int], grid: Sequence[int]) -> Region:
         range(r.start - c * g, r.stop - c * g, r.step)
         for r, c, g in zip(sub, chunk, grid, strict=True)
     )
-

@@ -36,6 +36,7 @@ def test_public_api_is_pinned():
         'UnmatchedKeyError',
         'UnusedKeyError',
         'apply_rules',
+        'layer_save_args',
         'materialize',
         'plan_restore',
         'resolve',

@@ -1,0 +1,241 @@
+"""Surgery on save: write a tree in another layout without building it whole.
+
+`SurgerySave(item, rules=...)` plans the target from the live tree, as a
+restore plans from a checkpoint, then computes the target a few leaves at a
+time (at most `max_inflight_bytes` of this host's shards), hands each group
+to Orbax's own array writers and frees it before the next. The result is an
+ordinary Orbax PyTree checkpoint, with `_METADATA` written last for the whole
+tree. Orbax's checkpointers write into a temporary directory and finalize it
+only after the save succeeds, so a failed save leaves no finalized checkpoint.
+
+This drives three internals of `ocp.BasePyTreeCheckpointHandler` (its param
+infos, its I/O engine and its metadata writer); `tests/saving_test.py` pins
+the output against plain Orbax restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler as base_handler
+
+from orbax_surgery import expr as ex
+from orbax_surgery import regions
+from orbax_surgery.errors import RuleError
+from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, flatten
+from orbax_surgery.materializer import compute_leaves
+from orbax_surgery.plan import Plan, Rules, Step, resolve
+from orbax_surgery.sources import TreeSource
+from orbax_surgery.value_fns import Elementwise
+
+
+def layer_save_args(tree: PyTree, layer_axes: Mapping[str, int]) -> PyTree:
+    r"""`ocp.SaveArgs` that store one layer per chunk, for stacked arrays.
+
+    Later reads of single layers (unrolling, pipeline stages, layer subsets)
+    then read only their layers. Works with plain `StandardSave`/`PyTreeSave`
+    too. Leaves whose key fully matches a pattern of `layer_axes` are chunked
+    along that pattern's layer axis; others keep Orbax's default.
+
+    Example:
+        >>> import numpy as np
+        >>> args = layer_save_args({'layers': {'w': np.zeros((4, 8))}}, {'layers/.*': 0})
+        >>> args['layers']['w'].shard_axes
+        (0,)
+    """
+    flat, treedef = flatten(tree)
+    patterns = {compile_pattern(p, 'layer_axes'): int(a) for p, a in layer_axes.items()}
+    for pattern in patterns:
+        if not any(pattern.fullmatch(k) for k in flat):
+            raise RuleError(
+                f'layer_axes pattern {pattern.pattern!r} matches none of the {len(flat)} keys.'
+                f'{did_you_mean(pattern.pattern, flat)}'
+            )
+    args = []
+    for key, leaf in flat.items():
+        axis = next((a for p, a in patterns.items() if p.fullmatch(key)), None)
+        args.append(ocp.SaveArgs() if axis is None else _layer_args(key, leaf, axis))
+    return jax.tree_util.tree_unflatten(treedef, args)
+
+
+def _layer_args(key: KeyPath, leaf: Any, axis: int) -> ocp.SaveArgs:
+    shape = tuple(np.shape(leaf))
+    if not -len(shape) <= axis < len(shape):
+        raise RuleError(f'Layer axis {axis} is out of range for {key!r} of shape {shape}.')
+    # Splitting the layer axis first, Orbax stops at one layer per chunk.
+    return ocp.SaveArgs(shard_axes=(axis % len(shape),))
+
+
+def plan_save(item: PyTree, target: PyTree, rules: Rules) -> tuple[TreeSource, Plan]:
+    """The checked plan of a save with surgery; raises before anything is written."""
+    source = TreeSource(item)
+    plan = resolve(source.arrays, target, rules)
+    plan.check()
+    return source, plan
+
+
+async def save_with_rules(
+    handler: ocp.BasePyTreeCheckpointHandler,
+    directory: epath.Path,
+    *,
+    source: TreeSource,
+    plan: Plan,
+    save_args: PyTree | None,
+    layer_axes: Mapping[str, int],
+    custom_metadata: dict[str, Any] | None,
+    max_inflight_bytes: int,
+) -> None:
+    """Writes a planned save into `directory` as Orbax's own PyTree handler would."""
+    steps = [_with_sharding(step, source) for step in plan.steps]
+    shaped = _tree(plan, [_abstract(step) for step in steps])
+    if save_args is None:
+        save_args = jax.tree.map(lambda _: ocp.SaveArgs(), shaped)
+    if layer_axes:
+        layered = layer_save_args(shaped, layer_axes)
+        save_args = jax.tree.map(merge_save_args, save_args, layered)
+    args_by_key = dict(zip(plan.target_keys, jax.tree.leaves(save_args), strict=True))
+    infos = handler._get_param_infos(  # noqa: SLF001 - the handler's own naming and context.
+        _tree(plan, [_stand_in(step) for step in steps]),
+        directory,
+        use_ocdbt=handler._use_ocdbt,  # noqa: SLF001
+        use_zarr3=handler._use_zarr3,  # noqa: SLF001
+    )
+    infos_by_key = dict(
+        zip(plan.target_keys, jax.tree.leaves(infos, is_leaf=_is_info), strict=True)
+    )
+    for group in _groups(steps, max_inflight_bytes):
+        values = await compute_leaves(group, source, max_inflight_bytes)
+        keys = [step.key for step in group]
+        requests = base_handler.batched_serialization_requests(
+            {k: values[k] for k in keys},
+            {k: infos_by_key[k] for k in keys},
+            {k: args_by_key[k] for k in keys},
+            handler._type_handler_registry,  # noqa: SLF001
+        )
+        commits = await handler._async_io_engine.execute_save(requests)  # noqa: SLF001
+        del values  # Orbax holds its host copies until the writes finish.
+        await asyncio.gather(*(asyncio.to_thread(f.result) for f in jax.tree.leaves(commits)))
+    await handler._write_metadata_file(  # noqa: SLF001
+        directory,
+        param_infos=infos,
+        save_args=save_args,
+        custom_metadata=custom_metadata,
+        use_ocdbt=handler._use_ocdbt,  # noqa: SLF001
+        use_zarr3=handler._use_zarr3,  # noqa: SLF001
+    )
+
+
+def _tree(plan: Plan, leaves: Sequence[Any]) -> PyTree:
+    by_key = dict(zip([s.key for s in plan.steps], leaves, strict=True))
+    return jax.tree_util.tree_unflatten(plan.treedef, [by_key[k] for k in plan.target_keys])
+
+
+def _is_info(x: Any) -> bool:
+    return isinstance(x, ocp.type_handlers.ParamInfo)
+
+
+def merge_save_args(given: ocp.SaveArgs | None, layered: ocp.SaveArgs) -> ocp.SaveArgs:
+    given = given or ocp.SaveArgs()
+    if not layered.shard_axes:
+        return given
+    return dataclasses.replace(given, shard_axes=layered.shard_axes)
+
+
+def _abstract(step: Step) -> jax.ShapeDtypeStruct:
+    leaf = step.target
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+
+
+def _stand_in(step: Step) -> Any:
+    """A tiny value of the leaf's kind: Orbax names its type in `_METADATA` from it."""
+    leaf = step.target
+    assert leaf.dtype is not None
+    if leaf.kind == 'jax.Array':
+        return jax.numpy.zeros((), leaf.dtype)
+    if leaf.kind == 'np.ndarray':
+        return np.zeros((), leaf.dtype)
+    return np.zeros((), leaf.dtype).item()
+
+
+def _groups(steps: Sequence[Step], budget: int) -> Iterator[list[Step]]:
+    """Consecutive steps whose shards on this host fit in `budget` (at least one)."""
+    group: list[Step] = []
+    size = 0
+    for step in steps:
+        nbytes = _host_bytes(step)
+        if group and size + nbytes > budget:
+            yield group
+            group, size = [], 0
+        group.append(step)
+        size += nbytes
+    if group:
+        yield group
+
+
+def _host_bytes(step: Step) -> int:
+    leaf = step.target
+    assert leaf.shape is not None and leaf.dtype is not None
+    full = math.prod(leaf.shape) * leaf.dtype.itemsize
+    if leaf.kind != 'jax.Array' or leaf.sharding is None:
+        return full
+    indices = leaf.sharding.addressable_devices_indices_map(leaf.shape).values()
+    held = {regions.from_index(i, leaf.shape) for i in indices if i is not None}
+    return sum(regions.size_of(r) for r in held) * leaf.dtype.itemsize
+
+
+def _with_sharding(step: Step, source: TreeSource) -> Step:
+    """A target leaf without a sharding gets the one its inputs suggest."""
+    leaf = step.target
+    if leaf.kind != 'jax.Array' or leaf.sharding is not None:
+        return step
+    sharding = natural_sharding(step.expr, source.values) or _fallback_sharding(source.values)
+    return dataclasses.replace(step, target=dataclasses.replace(leaf, sharding=sharding))
+
+
+def natural_sharding(node: ex.Expr, values: Mapping[KeyPath, Any]) -> jax.sharding.Sharding | None:
+    """The sharding a derived array inherits from its inputs, where one is clear.
+
+    A slice keeps the input's partitioning on the axes it keeps whole, a stack
+    adds an unpartitioned layer axis, a transpose permutes the partitioning.
+    """
+    if isinstance(node, ex.Source):
+        return getattr(values.get(node.key), 'sharding', None)
+    if isinstance(node, ex.Cast | Elementwise):
+        return natural_sharding(node.children[0], values)
+    if isinstance(node, ex.Index | ex.Stack | ex.Transpose):
+        inner = natural_sharding(node.children[0], values)
+        if not isinstance(inner, NamedSharding):
+            return None
+        spec = list(inner.spec) + [None] * (len(node.children[0].shape) - len(inner.spec))
+        if isinstance(node, ex.Index):
+            spec = [
+                s if i == range(n) else None
+                for s, i, n in zip(spec, node.index, node.base.shape, strict=True)
+                if not isinstance(i, int)
+            ]
+        elif isinstance(node, ex.Stack):
+            if any(natural_sharding(p, values) != inner for p in node.parts):
+                return None
+            spec.insert(node.axis, None)
+        else:
+            spec = [spec[a] for a in node.axes]
+        return NamedSharding(inner.mesh, PartitionSpec(*spec))
+    return None
+
+
+def _fallback_sharding(values: Mapping[KeyPath, Any]) -> jax.sharding.Sharding:
+    """Replicated over the item's mesh (Orbax writes one replica), else one device."""
+    for value in values.values():
+        sharding = getattr(value, 'sharding', None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
