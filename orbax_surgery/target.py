@@ -65,6 +65,14 @@ def read_target(tree: PyTree) -> tuple[dict[KeyPath, TargetLeaf], Any]:
 def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
     if x is Ellipsis:
         return TargetLeaf(key)
+    if isinstance(x, jax.ShapeDtypeStruct | jax.Array) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    ):
+        raise SurgeryError(
+            f'Target leaf {key!r} is a PRNG key array ({x.dtype}); surgery does not restore '
+            'typed keys yet. Leave it out of the target (restore only nnx.Param state) and '
+            'Drop it from the checkpoint, or restore it with plain Orbax.'
+        )
     if isinstance(x, jax.ShapeDtypeStruct):
         return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array')
     if isinstance(x, jax.Array):

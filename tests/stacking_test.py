@@ -235,3 +235,33 @@ def test_rules_are_checked_when_built():
         osurg.Unstack('layers/(.*)', r'l{i}/\1', layers=[1, 1])
     with pytest.raises(osurg.RuleError, match='refers to a group'):
         osurg.Unstack('layers/(.*)', r'l{i}/\2')
+
+
+def test_unrolled_attention_splits_heads_and_ties_the_embedding(tmp_path, mesh8):
+    d, h, k, vocab = 32, 8, 4, 64
+    scanned = {
+        'layers': {'query': random_array((L, d, h * k), seed=1)},
+        'embed': random_array((vocab, d), seed=2),
+    }
+    path = save(tmp_path / 'c', scanned)
+    heads = NamedSharding(mesh8, P(None, 'x'))
+    target = {f'layers_{i}': {'query': sds((d, h, k), sharding=heads)} for i in range(L)}
+    target['embed'] = sds((vocab, d), sharding=NamedSharding(mesh8, P('x')))
+    target['lm_head'] = sds((d, vocab), np.dtype('bfloat16'), NamedSharding(mesh8, P(None, 'x')))
+    rules = [
+        UNROLL,
+        osurg.Reshape(r'layers_\d+/query', (d, h, k)),
+        osurg.Copy('embed', 'lm_head'),
+        osurg.Transpose('lm_head', (1, 0)),
+        osurg.Cast('lm_head', 'bfloat16'),
+    ]
+    plan = osurg.plan_restore(path, target, rules)
+    assert all(step.lazy for step in plan.steps)
+    with counting_reads() as read:
+        out = osurg.materialize(plan, osurg.OrbaxCheckpoint(path))
+    for i in range(L):
+        want = scanned['layers']['query'][i].reshape(d, h, k)
+        np.testing.assert_array_equal(out[f'layers_{i}']['query'], want)
+    np.testing.assert_array_equal(out['lm_head'], scanned['embed'].T.astype(out['lm_head'].dtype))
+    stored = sum(v.nbytes for v in jax.tree.leaves(scanned))
+    assert read[0] <= 1.05 * stored  # The tied embedding is read once.

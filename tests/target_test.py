@@ -51,3 +51,8 @@ def test_each_kind_of_target_leaf(mesh8):
 def test_unsupported_leaves_are_named():
     with pytest.raises(osurg.SurgeryError, match=r"Target leaf 'name' is a str"):
         read_target({'name': 'llama'})
+
+
+def test_a_prng_key_target_is_a_clear_error():
+    with pytest.raises(osurg.SurgeryError, match=r"'rng' is a PRNG key array \(key<fry>\)"):
+        read_target({'rng': jax.eval_shape(lambda: jax.random.key(0))})
