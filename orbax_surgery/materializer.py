@@ -6,8 +6,7 @@ share it) and put on its devices. A `Session` reads each stored chunk once per
 host, however many blocks of however many leaves need it (see
 `orbax_surgery.session`). Blocks are admitted first come, first served under a
 byte budget, in an order that keeps blocks sharing a chunk together: host
-memory in flight stays under the budget plus the shared chunks in use (each
-kept only if it fits in the budget; bigger ones are read per use).
+memory in flight stays under the budget plus the shared chunks in use.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from orbax_surgery.regions import Region
 from orbax_surgery.session import Session, Usage
 from orbax_surgery.sources import ArraySource, TreeSource
 
-DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20
+DEFAULT_MAX_INFLIGHT_BYTES = 128 * 2**20
 
 T = TypeVar('T')
 Progress = Callable[[int], None]
@@ -163,7 +162,7 @@ async def compute_leaves(
     jobs = [_LeafJob(step) for step in steps]
     blocks = [(job, region) for job in jobs for region in job.by_region]
     usage = Usage.count((job.step.expr, region) for job, region in blocks)
-    session = Session(source, usage, keep_limit=max_inflight_bytes)
+    session = Session(source, usage)
     budget = _Budget(max_inflight_bytes)
 
     async def compute(job: _LeafJob, region: Region) -> Any:

@@ -17,7 +17,6 @@ import asyncio
 import collections
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -78,17 +77,19 @@ class Usage:
 class Session:
     """The evaluation context of one restore (see the module docstring).
 
+    A shared chunk is kept however big it is: reading part of a chunk decodes
+    all of it anyway, so reading it again for each use would cost the same
+    memory each time, and the reads besides.
+
     Args:
         source: Where stored arrays are read.
         usage: The counted reads of every block that will be evaluated.
-        keep_limit: Chunks bigger than this are read again by each use rather
-            than kept, so memory stays bounded.
     """
 
-    def __init__(self, source: ArraySource, usage: Usage, keep_limit: int):
+    def __init__(self, source: ArraySource, usage: Usage):
         self._source = source
         self._left = {c: n for c, n in usage.chunks.items() if n > 1}
-        self._keep_limit = keep_limit
+        self._shared_keys = {key for key, _ in self._left}
         self._kept: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._nbytes: dict[ChunkId, int] = {}
         self._applies = collections.Counter(usage.applies)
@@ -111,10 +112,10 @@ class Session:
 
     async def read(self, source: ex.Source, region: Region) -> np.ndarray:
         grid = source.chunk_shape
-        if grid is None:
+        if grid is None or source.key not in self._shared_keys:
             return await self._source.read(source, region)
         pieces = _chunk_pieces(region, source.shape, grid)
-        kept = [self._keeps(source, c) for c, _, _ in pieces]
+        kept = [(source.key, c) in self._left for c, _, _ in pieces]
         if not any(kept):
             self._forget(source.key, (c for c, _, _ in pieces))
             return await self._source.read(source, region)
@@ -130,13 +131,6 @@ class Session:
 
         await asyncio.gather(*(fill(*p, k) for p, k in zip(pieces, kept, strict=True)))
         return out
-
-    def _keeps(self, source: ex.Source, chunk: tuple[int, ...]) -> bool:
-        if (source.key, chunk) not in self._left:
-            return False
-        assert source.chunk_shape is not None
-        nbytes = math.prod(len(r) for r in _chunk_region(chunk, source.shape, source.chunk_shape))
-        return nbytes * source.dtype.itemsize <= self._keep_limit
 
     def _forget(self, key: KeyPath, chunks: Iterable[tuple[int, ...]]) -> None:
         """One use of each chunk is served; the last use frees it."""
