@@ -21,8 +21,14 @@ from orbax_surgery.keys import PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
-from orbax_surgery.saving import layer_save_args, merge_save_args, plan_save, save_with_rules
-from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint, TreeSource
+from orbax_surgery.saving import (
+    PlannedSave,
+    layer_save_args,
+    merge_save_args,
+    plan_save,
+    save_with_rules,
+)
+from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
 
 
 class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
@@ -73,10 +79,7 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
             await save_with_rules(
                 self._impl._handler_impl,  # noqa: SLF001 - the PyTree handler's own writer.
                 directory,
-                source=args.planned[0],
-                plan=args.planned[1],
-                save_args=args.save_args,
-                layer_axes=args.layer_axes,
+                args.planned,
                 custom_metadata=args.custom_metadata,
                 max_inflight_bytes=args.max_inflight_bytes,
             )
@@ -156,7 +159,7 @@ class SurgerySave(ocp.args.CheckpointArgs):
     layer_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     custom_metadata: dict[str, Any] | None = None
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
-    planned: tuple[TreeSource, Plan] | None = dataclasses.field(
+    planned: PlannedSave | None = dataclasses.field(
         init=False, default=None, repr=False, compare=False
     )
 
@@ -165,7 +168,9 @@ class SurgerySave(ocp.args.CheckpointArgs):
         _check_budget(self.max_inflight_bytes)
         # Planned here, so a bad rule fails before Orbax starts a checkpoint.
         if self.rules or self.target is not None:
-            self.planned = plan_save(self.item, self.target, self.rules)
+            self.planned = plan_save(
+                self.item, self.target, self.rules, self.save_args, self.layer_axes
+            )
 
 
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_restore=True)

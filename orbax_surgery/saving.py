@@ -75,33 +75,51 @@ def _layer_args(key: KeyPath, leaf: Any, axis: int) -> ocp.SaveArgs:
     return ocp.SaveArgs(shard_axes=(axis % len(shape),))
 
 
-def plan_save(item: PyTree, target: PyTree, rules: Rules) -> tuple[TreeSource, Plan]:
-    """The checked plan of a save with surgery; raises before anything is written."""
+@dataclasses.dataclass(frozen=True)
+class PlannedSave:
+    """A checked save with surgery: what to compute, and how Orbax stores each leaf."""
+
+    source: TreeSource
+    plan: Plan
+    steps: tuple[Step, ...]
+    save_args: PyTree
+
+
+def plan_save(
+    item: PyTree,
+    target: PyTree,
+    rules: Rules,
+    save_args: PyTree | None = None,
+    layer_axes: Mapping[str, int] | None = None,
+) -> PlannedSave:
+    """Plans a save with surgery from metadata alone; raises before anything is written."""
     source = TreeSource(item)
     plan = resolve(source.arrays, target, rules)
     plan.check()
-    return source, plan
+    steps = tuple(_with_sharding(step, source) for step in plan.steps)
+    shaped = _tree(plan, [_abstract(step) for step in steps])
+    save_args = _full_save_args(save_args, shaped)
+    if layer_axes:
+        layered = layer_save_args(shaped, layer_axes)
+        save_args = jax.tree.map(merge_save_args, save_args, layered)
+    return PlannedSave(source, plan, steps, save_args)
 
 
 async def save_with_rules(
     handler: ocp.BasePyTreeCheckpointHandler,
     directory: epath.Path,
+    planned: PlannedSave,
     *,
-    source: TreeSource,
-    plan: Plan,
-    save_args: PyTree | None,
-    layer_axes: Mapping[str, int],
     custom_metadata: dict[str, Any] | None,
     max_inflight_bytes: int,
 ) -> None:
     """Writes a planned save into `directory` as Orbax's own PyTree handler would."""
-    steps = [_with_sharding(step, source) for step in plan.steps]
-    shaped = _tree(plan, [_abstract(step) for step in steps])
-    if save_args is None:
-        save_args = jax.tree.map(lambda _: ocp.SaveArgs(), shaped)
-    if layer_axes:
-        layered = layer_save_args(shaped, layer_axes)
-        save_args = jax.tree.map(merge_save_args, save_args, layered)
+    source, plan, steps, save_args = (
+        planned.source,
+        planned.plan,
+        planned.steps,
+        planned.save_args,
+    )
     args_by_key = dict(zip(plan.target_keys, jax.tree.leaves(save_args), strict=True))
     infos = handler._get_param_infos(  # noqa: SLF001 - the handler's own naming and context.
         _tree(plan, [_stand_in(step) for step in steps]),
@@ -132,6 +150,19 @@ async def save_with_rules(
         use_ocdbt=handler._use_ocdbt,  # noqa: SLF001
         use_zarr3=handler._use_zarr3,  # noqa: SLF001
     )
+
+
+def _full_save_args(save_args: PyTree | None, shaped: PyTree) -> PyTree:
+    """One `SaveArgs` per saved leaf; None (or a None leaf) means Orbax's default."""
+    if save_args is None:
+        return jax.tree.map(lambda _: ocp.SaveArgs(), shaped)
+    try:
+        return jax.tree.map(lambda _, a: a or ocp.SaveArgs(), shaped, save_args)
+    except ValueError as e:
+        raise RuleError(
+            f'save_args must have the structure of the saved (post-surgery) tree, '
+            f'{jax.tree.structure(shaped)}: {e}'
+        ) from e
 
 
 def _tree(plan: Plan, leaves: Sequence[Any]) -> PyTree:

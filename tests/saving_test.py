@@ -160,3 +160,16 @@ def test_inferred_shardings_follow_the_inputs(mesh8, mesh2x4):
     other = {**values, 'u': sharded(random_array((8, 16)), mesh2x4, 'a', 'b')}
     u = ex.Source('u', (8, 16), np.dtype('float32'))
     assert saving.natural_sharding(ex.Stack((v, u), 0), other) is None
+
+
+def test_save_args_follow_the_saved_tree(tmp_path, mesh8):
+    item = {'w': sharded(random_array((8, 64)), mesh8, None, 'x'), 'b': np.ones(3, np.float32)}
+    rules = [osurg.Rename('w', 'kernel')]
+    good = {'kernel': ocp.SaveArgs(dtype=np.dtype('bfloat16')), 'b': None}
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / 'c', args=osurg.SurgerySave(item=item, rules=rules, save_args=good))
+    with pytest.raises(osurg.RuleError, match='save_args must have the structure of the saved'):
+        osurg.SurgerySave(item=item, rules=rules, save_args={'w': None, 'b': None})
+    out = plain_restore(tmp_path / 'c')
+    assert out['kernel'].dtype == np.dtype('bfloat16')
+    np.testing.assert_array_equal(out['b'], item['b'])
