@@ -169,26 +169,6 @@ def _value(index: int, shape: tuple[int, ...]):
     return bits.view(np.float32)
 
 
-def _nest(flat: dict):
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split('/')
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _flat(tree, prefix: str = '') -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f'{prefix}/{k}' if prefix else k))
-    return out
-
-
 def _env() -> dict[str, str]:
     env = {
         **os.environ,
@@ -272,6 +252,8 @@ def _save(directory: str, layout: str, params: dict) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from orbax_surgery.keys import nest
+
     mesh = jax.make_mesh((PROCESSES * DEVICES,), ('x',))
     tree, save_args = {}, {}
     for index, (key, (shape, spec)) in enumerate(params.items()):
@@ -288,7 +270,7 @@ def _save(directory: str, layout: str, params: dict) -> dict:
             save_args[key] = ocp.SaveArgs(shard_axes=(0,) if stacked else ())
         del value
     with ocp.CheckpointManager(directory) as manager:
-        manager.save(1, args=ocp.args.StandardSave(_nest(tree), save_args=_nest(save_args)))
+        manager.save(1, args=ocp.args.StandardSave(nest(tree), save_args=nest(save_args)))
         manager.wait_until_finished()
     return {'saved': len(tree)}
 
@@ -354,6 +336,7 @@ def _restore(
     from jax.sharding import PartitionSpec as P
 
     import orbax_surgery as osurg
+    from orbax_surgery.keys import flatten, nest
 
     def bytes_read() -> int:
         metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
@@ -381,16 +364,16 @@ def _restore(
     rules = [osurg.Unstack(r'layers/(.*)', r'layers_{i}/\1')]
     planned = None
     if method == 'surgery':
-        reads = osurg.plan_restore(f'{directory}/1/default', _nest(unrolled), rules).reads[pid]
+        reads = osurg.plan_restore(f'{directory}/1/default', nest(unrolled), rules).reads[pid]
         planned = {
             'needed': reads.needed,
             'chunked': reads.chunked,
             'amplification': round(reads.amplification, 4),
         }
         budget = {} if max_inflight_mib is None else {'max_inflight_bytes': max_inflight_mib << 20}
-        args = osurg.SurgeryRestore(target=_nest(unrolled), rules=rules, **budget)
+        args = osurg.SurgeryRestore(target=nest(unrolled), rules=rules, **budget)
     else:
-        args = ocp.args.StandardRestore(_nest(scanned))
+        args = ocp.args.StandardRestore(nest(scanned))
     split = {
         key: jax.jit(lambda x: [x[i] for i in range(layers)], out_shardings=sharding)
         for key, sharding in layer_sharding.items()
@@ -403,7 +386,7 @@ def _restore(
     start = time.perf_counter()
     out = manager.restore(1, args=args)
     if method == 'orbax_then_slice':
-        stacked = _flat(out)
+        stacked = flatten(out)[0]
         out = {}
         for key, value in stacked.items():
             if key in split:
@@ -418,7 +401,7 @@ def _restore(
     over = peak.stop()
     read = bytes_read() - before
 
-    restored = _flat(out)
+    restored = flatten(out)[0]
     expected = unrolled if method != 'orbax_scanned' else scanned
     assert set(restored) == set(expected), sorted(set(restored) ^ set(expected))
     checked = 0

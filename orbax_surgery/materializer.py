@@ -180,22 +180,12 @@ class _LeafJob:
     """One target leaf: the distinct regions this host holds, and how to place them."""
 
     def __init__(self, step: Step):
-        leaf = step.target
-        assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
         self.step = step
-        self.by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
-        if leaf.kind != 'jax.Array':
-            self.by_region[regions.full(leaf.shape)] = []
-        elif not _placed_whole(step):
-            for device, index in self.sharding.addressable_devices_indices_map(leaf.shape).items():
-                assert index is not None, f'{leaf.key!r} has no index on {device}'
-                self.by_region[regions.from_index(index, leaf.shape)].append(device)
+        self.by_region = {} if _placed_whole(step) else host_regions(step)
 
     @property
     def sharding(self) -> jax.sharding.Sharding:
-        return self.step.target.sharding or jax.sharding.SingleDeviceSharding(
-            jax.local_devices()[0]
-        )
+        return placed_sharding(self.step)
 
     def place(self, region: Region, block: np.ndarray) -> Any:
         """A computed block put on its devices, so it no longer counts as in flight."""
@@ -218,6 +208,27 @@ class _LeafJob:
             return type(leaf.value)(value) if leaf.has_value else value
         shards = [a for group in placed for a in group]
         return jax.make_array_from_single_device_arrays(leaf.shape, self.sharding, shards)
+
+
+def placed_sharding(step: Step) -> jax.sharding.Sharding:
+    """The target's sharding; without one, this host's first device."""
+    return step.target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def host_regions(step: Step) -> dict[Region, list[jax.Device]]:
+    """The distinct regions of a target leaf this host holds, each with its devices.
+
+    Replicas share one region; host kinds (NumPy, scalars) are one whole region.
+    """
+    leaf = step.target
+    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    if leaf.kind != 'jax.Array':
+        return {regions.full(leaf.shape): []}
+    by_region: dict[Region, list[jax.Device]] = collections.defaultdict(list)
+    for device, index in placed_sharding(step).addressable_devices_indices_map(leaf.shape).items():
+        assert index is not None, f'{leaf.key!r} has no index on {device}'
+        by_region[regions.from_index(index, leaf.shape)].append(device)
+    return by_region
 
 
 def _placed_whole(step: Step) -> bool:

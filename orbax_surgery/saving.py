@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ from orbax_surgery import expr as ex
 from orbax_surgery import regions
 from orbax_surgery.errors import RuleError
 from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, flatten
-from orbax_surgery.materializer import compute_leaves
+from orbax_surgery.materializer import compute_leaves, host_regions
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.sources import TreeSource
 from orbax_surgery.value_fns import Elementwise
@@ -213,14 +212,8 @@ def _groups(steps: Sequence[Step], budget: int) -> Iterator[list[Step]]:
 
 
 def _host_bytes(step: Step) -> int:
-    leaf = step.target
-    assert leaf.shape is not None and leaf.dtype is not None
-    full = math.prod(leaf.shape) * leaf.dtype.itemsize
-    if leaf.kind != 'jax.Array' or leaf.sharding is None:
-        return full
-    indices = leaf.sharding.addressable_devices_indices_map(leaf.shape).values()
-    held = {regions.from_index(i, leaf.shape) for i in indices if i is not None}
-    return sum(regions.size_of(r) for r in held) * leaf.dtype.itemsize
+    assert step.target.dtype is not None
+    return sum(map(regions.size_of, host_regions(step))) * step.target.dtype.itemsize
 
 
 def _with_sharding(step: Step, source: TreeSource) -> Step:

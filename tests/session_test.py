@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import orbax_surgery as osurg
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
-from orbax_surgery.materializer import run_sync
+from orbax_surgery.materializer import host_regions, run_sync
 from orbax_surgery.session import Session, Usage
 
 
@@ -74,13 +74,7 @@ def test_tied_weights_read_each_chunk_once_with_little_kept(mesh8):
     target = {'embed': sds((256, 64), sharding=cols), 'lm_head': sds((64, 256), sharding=cols)}
     rules = [osurg.Copy('embed', 'lm_head'), osurg.Transpose('lm_head', (1, 0))]
     plan = osurg.resolve(source.arrays, target, rules)
-    blocks = [
-        (step.expr, regions.from_index(index, step.target.shape))
-        for step in plan.steps
-        for index in step.target.sharding.addressable_devices_indices_map(
-            step.target.shape
-        ).values()
-    ]
+    blocks = [(step.expr, region) for step in plan.steps for region in host_regions(step)]
     usage = Usage.count(blocks)
     assert usage.chunks[('embed', (0, 0))] == 8 + 1  # Every embed shard, one lm_head shard.
     out = osurg.materialize(plan, source, max_inflight_bytes=16 * 64 * 4 * 4)
@@ -103,13 +97,7 @@ def test_kept_memory_stays_near_one_chunk_when_the_budget_is_tight(mesh8):
     rows = NamedSharding(mesh8, P('x'))
     target = {'a': sds((256, 64), sharding=rows), 'b': sds((256, 64), sharding=rows)}
     plan = osurg.resolve(source.arrays, target, [osurg.Rename('embed', 'a'), osurg.Copy('a', 'b')])
-    blocks = [
-        (step.expr, regions.from_index(index, step.target.shape))
-        for step in plan.steps
-        for index in step.target.sharding.addressable_devices_indices_map(
-            step.target.shape
-        ).values()
-    ]
+    blocks = [(step.expr, region) for step in plan.steps for region in host_regions(step)]
     usage = Usage.count(blocks)
     session = Session(source, usage)
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import orbax_surgery as osurg  # noqa: E402
+from orbax_surgery.keys import nest  # noqa: E402
 
 L, D, V = 4, 64, 512
 
@@ -62,17 +63,6 @@ LEAVES = {
 values = {
     key: incompressible(shape, seed) for seed, (key, (shape, _, _)) in enumerate(LEAVES.items())
 }
-
-
-def nest(flat):
-    out = {}
-    for key, leaf in flat.items():
-        *parents, last = key.split('/')
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = leaf
-    return out
 
 
 def saved(key):
