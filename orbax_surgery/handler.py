@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -21,13 +20,7 @@ from orbax_surgery.keys import PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
-from orbax_surgery.saving import (
-    PlannedSave,
-    layer_save_args,
-    merge_save_args,
-    plan_save,
-    save_with_rules,
-)
+from orbax_surgery.saving import PlannedSave, plan_save, save_with_rules, with_layer_chunks
 from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
 
 
@@ -84,15 +77,10 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
                 max_inflight_bytes=args.max_inflight_bytes,
             )
             return []
-        save_args = args.save_args
-        if args.layer_axes:
-            save_args = layer_save_args(args.item, args.layer_axes)
-            if args.save_args is not None:
-                save_args = jax.tree.map(merge_save_args, args.save_args, save_args)
         return await self._impl.async_save(
             directory,
             args=ocp.args.PyTreeSave(
-                item=args.item, save_args=save_args, custom_metadata=args.custom_metadata
+                item=args.item, save_args=args.store_args, custom_metadata=args.custom_metadata
             ),
         )
 
@@ -150,6 +138,8 @@ class SurgerySave(ocp.args.CheckpointArgs):
         max_inflight_bytes: Host bytes of converted leaves computed at once.
         planned: The checked plan, made when the args are built, so that bad
             rules raise there, before Orbax starts a checkpoint.
+        store_args: Without rules, the `SaveArgs` passed to Orbax (`layer_axes`
+            applied), likewise checked when the args are built.
     """
 
     item: PyTree
@@ -162,15 +152,22 @@ class SurgerySave(ocp.args.CheckpointArgs):
     planned: PlannedSave | None = dataclasses.field(
         init=False, default=None, repr=False, compare=False
     )
+    store_args: PyTree | None = dataclasses.field(
+        init=False, default=None, repr=False, compare=False
+    )
 
     def __post_init__(self):
         self.rules = _checked_rules(self.rules)
         _check_budget(self.max_inflight_bytes)
-        # Planned here, so a bad rule fails before Orbax starts a checkpoint.
+        # Planned here, so bad rules or save args fail before Orbax starts a checkpoint.
         if self.rules or self.target is not None:
             self.planned = plan_save(
                 self.item, self.target, self.rules, self.save_args, self.layer_axes
             )
+        elif self.layer_axes:
+            self.store_args = with_layer_chunks(self.save_args, self.item, self.layer_axes)
+        else:
+            self.store_args = self.save_args
 
 
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_restore=True)

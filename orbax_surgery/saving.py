@@ -97,11 +97,18 @@ def plan_save(
     plan.check()
     steps = tuple(_with_sharding(step, source) for step in plan.steps)
     shaped = _tree(plan, [_abstract(step) for step in steps])
-    save_args = _full_save_args(save_args, shaped)
+    return PlannedSave(source, plan, steps, with_layer_chunks(save_args, shaped, layer_axes))
+
+
+def with_layer_chunks(
+    save_args: PyTree | None, tree: PyTree, layer_axes: Mapping[str, int] | None
+) -> PyTree:
+    """One `SaveArgs` per leaf of `tree` (None: Orbax's default), one layer per chunk
+    where `layer_axes` says."""
+    save_args = _full_save_args(save_args, tree)
     if layer_axes:
-        layered = layer_save_args(shaped, layer_axes)
-        save_args = jax.tree.map(merge_save_args, save_args, layered)
-    return PlannedSave(source, plan, steps, save_args)
+        save_args = jax.tree.map(merge_save_args, save_args, layer_save_args(tree, layer_axes))
+    return save_args
 
 
 async def save_with_rules(

@@ -92,6 +92,8 @@ def test_layer_chunks_without_rules_and_with_plain_orbax(tmp_path, mesh8):
         osurg.layer_save_args(scanned, {'layer/.*': 0})
     with pytest.raises(osurg.RuleError, match=r"Layer axis 3 is out of range for 'layers/w'"):
         osurg.layer_save_args(scanned, {'layers/w': 3})
+    with pytest.raises(osurg.RuleError, match=r"layer_axes pattern 'layer/.\*' matches none"):
+        osurg.SurgerySave(item=scanned, layer_axes={'layer/.*': 0})  # Before Orbax starts.
 
 
 def test_the_converted_tree_is_computed_a_few_leaves_at_a_time(tmp_path, unrolled, monkeypatch):
