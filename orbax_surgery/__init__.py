@@ -4,6 +4,7 @@ from orbax_surgery.errors import (
     AmbiguousRuleError,
     CheckpointNotFoundError,
     DtypeMismatchError,
+    LoraMismatchError,
     RuleError,
     ShapeMismatchError,
     SourceReadError,
@@ -17,6 +18,16 @@ from orbax_surgery.handler import (
     SurgeryRestore,
     SurgerySave,
     plan_restore,
+)
+from orbax_surgery.lora import (
+    LoraCheckpointHandler,
+    LoraLayout,
+    LoraRestore,
+    LoraSave,
+    LoraSpec,
+    LoraTarget,
+    plan_lora_restore,
+    read_lora_layout,
 )
 from orbax_surgery.materializer import apply_rules, materialize
 from orbax_surgery.orbax_transforms import OrbaxTransforms
@@ -48,6 +59,13 @@ __all__ = [
     'Drop',
     'DtypeMismatchError',
     'Fallback',
+    'LoraCheckpointHandler',
+    'LoraLayout',
+    'LoraMismatchError',
+    'LoraRestore',
+    'LoraSave',
+    'LoraSpec',
+    'LoraTarget',
     'MapValue',
     'OrbaxCheckpoint',
     'OrbaxTransforms',
@@ -73,6 +91,8 @@ __all__ = [
     'apply_rules',
     'layer_save_args',
     'materialize',
+    'plan_lora_restore',
     'plan_restore',
+    'read_lora_layout',
     'resolve',
 ]

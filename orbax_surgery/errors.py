@@ -41,3 +41,7 @@ class SourceReadError(SurgeryError):
 
 class UnfinalizedCheckpointError(CheckpointNotFoundError):
     """The checkpoint was never finalized: its save was interrupted or is running."""
+
+
+class LoraMismatchError(SurgeryError):
+    """Adapters disagree with their spec: another rank, alpha, target or shape."""

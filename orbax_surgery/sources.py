@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
@@ -154,6 +155,44 @@ class TreeSource:
         block = np.asarray(regions.take(np.asarray(self.values[source.key]), region))
         self.bytes_read[source.key] += block.nbytes
         return block
+
+
+class Namespaced:
+    """Several sources read as one, each key prefixed by its source's name.
+
+    A LoRA restore reads `base/...` from the base checkpoint and `adapters/...`
+    from the adapter checkpoint in one plan, so a key may exist in both.
+
+    Example:
+        >>> import numpy as np
+        >>> both = Namespaced({'base': TreeSource({'w': np.ones(2)}),
+        ...                    'adapters': TreeSource({'w': np.zeros(2)})})
+        >>> sorted(both.arrays)
+        ['adapters/w', 'base/w']
+    """
+
+    def __init__(self, sources: Mapping[str, ArraySource]):
+        self.sources = dict(sources)
+        self.arrays = {
+            f'{name}/{key}': dataclasses.replace(src, key=f'{name}/{key}')
+            for name, source in self.sources.items()
+            for key, src in source.arrays.items()
+        }
+
+    def _inner(self, key: KeyPath) -> tuple[ArraySource, KeyPath]:
+        name, _, inner = key.partition('/')
+        return self.sources[name], inner
+
+    async def open(self, keys: Collection[KeyPath]) -> None:
+        by_source: dict[str, list[KeyPath]] = collections.defaultdict(list)
+        for key in keys:
+            name, _, inner = key.partition('/')
+            by_source[name].append(inner)
+        await asyncio.gather(*(self.sources[n].open(ks) for n, ks in by_source.items()))
+
+    async def read(self, source: Source, region: Region) -> np.ndarray:
+        inner_source, inner = self._inner(source.key)
+        return await inner_source.read(dataclasses.replace(source, key=inner), region)
 
 
 def key_region(key: KeyPath, region: Region) -> str:

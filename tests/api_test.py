@@ -13,6 +13,13 @@ def test_public_api_is_pinned():
         'Drop',
         'DtypeMismatchError',
         'Fallback',
+        'LoraCheckpointHandler',
+        'LoraLayout',
+        'LoraMismatchError',
+        'LoraRestore',
+        'LoraSave',
+        'LoraSpec',
+        'LoraTarget',
         'MapValue',
         'OrbaxCheckpoint',
         'OrbaxTransforms',
@@ -38,7 +45,9 @@ def test_public_api_is_pinned():
         'apply_rules',
         'layer_save_args',
         'materialize',
+        'plan_lora_restore',
         'plan_restore',
+        'read_lora_layout',
         'resolve',
     }
 
@@ -63,3 +72,6 @@ def test_args_are_registered_with_the_handler():
     assert get(osurg.SurgeryRestore) is osurg.SurgeryCheckpointHandler
     assert get(osurg.SurgerySave) is osurg.SurgeryCheckpointHandler
     assert osurg.SurgeryCheckpointHandler.typestr() == 'orbax_surgery.SurgeryCheckpointHandler'
+    assert get(osurg.LoraSave) is osurg.LoraCheckpointHandler
+    assert get(osurg.LoraRestore) is osurg.LoraCheckpointHandler
+    assert osurg.LoraCheckpointHandler.typestr() == 'orbax_surgery.LoraCheckpointHandler'

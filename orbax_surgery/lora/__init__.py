@@ -1,0 +1,26 @@
+"""LoRA: save only what trains, restore onto a frozen base, merge per shard."""
+
+from orbax_surgery.lora.checkpoint import (
+    LoraCheckpointHandler,
+    LoraRestore,
+    LoraSave,
+    plan_lora_restore,
+    read_lora_layout,
+)
+from orbax_surgery.lora.layout import Adapter, LoraLayout
+from orbax_surgery.lora.merge import LowRankUpdate, MergeAdapters
+from orbax_surgery.lora.spec import LoraSpec, LoraTarget
+
+__all__ = [
+    'Adapter',
+    'LoraCheckpointHandler',
+    'LoraLayout',
+    'LoraRestore',
+    'LoraSave',
+    'LoraSpec',
+    'LoraTarget',
+    'LowRankUpdate',
+    'MergeAdapters',
+    'plan_lora_restore',
+    'read_lora_layout',
+]

@@ -1,0 +1,331 @@
+"""LoRA checkpoints in Orbax: save only what trains, restore onto a frozen base.
+
+`LoraSave` writes the adapters and the fully trained params, with the layout
+(targets, rank, alpha, rsLoRA, shapes) in the checkpoint's metadata. A
+`LoraRestore` reads that layout back and, given the base checkpoint's
+directory, returns the merged weights (computed shard by shard), the base
+with adapters attached, or both trees apart. Both work in a
+`CheckpointManager` and inside `ocp.args.Composite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_surgery.errors import (
+    AmbiguousRuleError,
+    LoraMismatchError,
+    SurgeryError,
+    UnmatchedKeyError,
+)
+from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten, nest
+from orbax_surgery.lora.layout import LoraLayout, canonical, canonical_shapes
+from orbax_surgery.lora.merge import MergeAdapters
+from orbax_surgery.lora.spec import LoraSpec
+from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize
+from orbax_surgery.plan import Plan, Rules, normalize_rules, resolve
+from orbax_surgery.rules import Entry, Rule, Target, Tree
+from orbax_surgery.sources import Namespaced, OrbaxCheckpoint
+
+METADATA_KEY = 'orbax_surgery.lora'
+Mode = Literal['merge', 'attach', 'split', 'unmerge']
+_MODES = ('merge', 'attach', 'split', 'unmerge')
+
+
+class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
+    """Saves adapters with their layout; restores them alone or onto a base.
+
+    What it writes is an ordinary Orbax PyTree item (plus metadata), so plain
+    `StandardRestore` can read the adapters too.
+    """
+
+    def __init__(self, *, use_ocdbt: bool = True):
+        self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+
+    @classmethod
+    def typestr(cls) -> str:
+        return 'orbax_surgery.LoraCheckpointHandler'
+
+    async def async_save(
+        self, directory: epath.Path, item: Any = None, args: LoraSave | None = None
+    ) -> Any:
+        if args is None or item is not None:
+            raise SurgeryError('LoraCheckpointHandler saves only with args=LoraSave(item, lora).')
+        record = {'layout': args.layout.to_json(), 'spec': args.spec_json}
+        metadata = {**(args.custom_metadata or {}), METADATA_KEY: record}
+        return await self._impl.async_save(
+            directory,
+            args=ocp.args.PyTreeSave(
+                item=args.trainable, save_args=args.save_args, custom_metadata=metadata
+            ),
+        )
+
+    def save(self, directory: epath.Path, item: Any = None, args: LoraSave | None = None) -> None:
+        from orbax_surgery.materializer import run_sync
+
+        async def save_and_commit() -> None:
+            for commit in await self.async_save(directory, item, args=args) or []:
+                commit.result()
+
+        run_sync(save_and_commit())
+
+    def restore(
+        self, directory: epath.Path, item: Any = None, args: LoraRestore | None = None
+    ) -> PyTree:
+        if args is None:
+            return self._impl.restore(directory)
+        if item is not None:
+            raise SurgeryError('Pass LoraRestore as args=LoraRestore(...), not positionally.')
+        plan, source, finish = _prepare(directory, args)
+        return finish(materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes))
+
+    def metadata(self, directory: epath.Path) -> Any:
+        return self._impl.metadata(directory)
+
+    def finalize(self, directory: epath.Path) -> None:
+        self._impl.finalize(directory)
+
+    def close(self) -> None:
+        self._impl.close()
+
+
+@ocp.args.register_with_handler(LoraCheckpointHandler, for_save=True)
+@dataclasses.dataclass(kw_only=True)
+class LoraSave(ocp.args.CheckpointArgs):
+    """Saves only the trainable params (adapters and fully trained ones) and the layout.
+
+    Attributes:
+        item: A tree holding the trainable params: the trainable tree itself,
+            a joined tree, or `nnx.state(model)` (frozen leaves are skipped).
+        lora: The `LoraLayout` (`spec.bind(params)`), or a `LoraSpec` when
+            `item` also holds the base weights to bind it to.
+        save_args: Optional `ocp.SaveArgs` tree for the trainable tree.
+        custom_metadata: More JSON metadata to store beside the layout.
+        layout: The resolved layout (set when the args are built).
+        trainable: The tree written, checked when the args are built.
+    """
+
+    item: PyTree
+    lora: LoraLayout | LoraSpec
+    save_args: PyTree | None = None
+    custom_metadata: dict[str, Any] | None = None
+    layout: LoraLayout = dataclasses.field(init=False, repr=False, compare=False)
+    trainable: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
+    spec_json: dict[str, Any] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.spec_json = self.lora.to_json() if isinstance(self.lora, LoraSpec) else None
+        if isinstance(self.lora, LoraSpec):
+            try:
+                self.layout = self.lora.bind(self.item)
+            except UnmatchedKeyError as e:
+                raise UnmatchedKeyError(
+                    f'{e} LoraSave binds a LoraSpec to the saved item, which then needs the '
+                    'base weights; to save a trainable-only tree pass lora=spec.bind(params).'
+                ) from e
+        elif isinstance(self.lora, LoraLayout):
+            self.layout = self.lora
+        else:
+            raise SurgeryError(f'lora must be a LoraLayout or LoraSpec, not {type(self.lora)}.')
+        self.trainable = _trainable_of(self.item, self.layout)
+
+
+@ocp.args.register_with_handler(LoraCheckpointHandler, for_restore=True)
+@dataclasses.dataclass(kw_only=True)
+class LoraRestore(ocp.args.CheckpointArgs):
+    """Restores saved adapters, alone or onto a base checkpoint.
+
+    Modes (with `base`):
+        'merge': the target tree with each adapted weight `W + scale * A @ B`,
+            computed per target shard from just its rows of `A` and columns
+            of `B`; fully trained params come from the adapter checkpoint.
+        'attach': the base with the adapters beside their weights (what an
+            NNX model built with `nnx.LoRALinear` holds). Adapter keys the
+            target lacks are added, sharded like their weight's axes.
+        'split': `(frozen, trainable)`, two trees, as `LoraLayout.split` gives.
+        'unmerge': `base` holds merged weights; returns `W' - scale * A @ B`.
+    Without `base`, the trainable tree alone, as saved.
+
+    Attributes:
+        base: Directory of the base checkpoint item (an Orbax PyTree item).
+        target: The tree to build (abstract or concrete leaves, with shardings),
+            without adapters for 'merge'. None takes keys from the checkpoints.
+        mode: One of 'merge', 'attach', 'split', 'unmerge'.
+        lora: A `LoraSpec` or `LoraLayout` to check against the saved layout;
+            None trusts the saved one (nothing to re-type).
+        base_rules: Rules from the base checkpoint's keys to the target's
+            (renames, `Unstack`, `Drop('opt_state/.*')`, ...).
+        max_inflight_bytes: Host bytes read but not yet placed on devices.
+    """
+
+    base: epath.PathLike | None = None
+    target: PyTree = None
+    mode: Mode = 'merge'
+    lora: LoraLayout | LoraSpec | None = None
+    base_rules: Rules = ()
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise SurgeryError(f'LoraRestore mode {self.mode!r} is not one of {_MODES}.')
+        if self.base is None and self.mode != 'merge':
+            raise SurgeryError(f'LoraRestore(mode={self.mode!r}) needs base=<base checkpoint dir>.')
+        self.base_rules = normalize_rules(self.base_rules)
+        if self.max_inflight_bytes <= 0:
+            raise SurgeryError(
+                f'max_inflight_bytes must be positive, not {self.max_inflight_bytes}.'
+            )
+
+
+def read_lora_layout(directory: epath.PathLike) -> LoraLayout:
+    """The layout a `LoraSave` checkpoint item recorded, reading no array data."""
+    path = epath.Path(directory)
+    OrbaxCheckpoint(path)  # Clear errors for a missing or unfinalized item.
+    custom = ocp.PyTreeCheckpointHandler().metadata(path).custom_metadata or {}
+    if METADATA_KEY not in custom:
+        raise LoraMismatchError(
+            f'{path} holds no LoRA layout in its metadata: it was not saved with LoraSave. '
+            'Restore it with SurgeryRestore, or pass the adapters as a LoraSave checkpoint.'
+        )
+    return LoraLayout.from_json(custom[METADATA_KEY]['layout'])
+
+
+def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
+    """Plans a `LoraRestore` of the adapter item at `directory`, reading no array data.
+
+    Print the plan to see each merge (`W + scale * A @ B`), what is unused and
+    the bytes each process will read.
+    """
+    return _prepare(directory, args)[0]
+
+
+def _prepare(directory: epath.PathLike, args: LoraRestore) -> tuple[Plan, Any, Any]:
+    """The plan of a `LoraRestore`, its source, and how to shape the result."""
+    saved = read_lora_layout(directory)
+    adapters = OrbaxCheckpoint(directory)
+    where = f'the adapter checkpoint {directory}'
+    if args.lora is not None:
+        _given_layout(args.lora, args.target, saved).check_same(saved, where)
+    if args.base is None:
+        target = saved.abstract_trainable() if args.target is None else args.target
+        plan = resolve(adapters.arrays, target)
+        return plan, adapters, lambda tree: tree
+    source = Namespaced({'base': OrbaxCheckpoint(args.base), 'adapters': adapters})
+    base_rules = normalize_rules(args.base_rules)
+    rules: list[Rule] = [_Within('base', base_rules), _Within('adapters', (), wins=True)]
+    finish: Callable[[PyTree], Any] = _same
+    target = args.target
+    if args.mode in ('merge', 'unmerge'):
+        rules.append(MergeAdapters(saved, sign=1 if args.mode == 'merge' else -1))
+        if target is not None:
+            _reject_adapter_keys(target, saved)
+    else:
+        target = _with_adapters(target, saved)
+        if args.mode == 'split':
+            finish = saved.split
+    plan = resolve(source.arrays, target, rules)
+    return plan, source, finish
+
+
+def _same(tree: PyTree) -> PyTree:
+    return tree
+
+
+def _given_layout(lora: LoraLayout | LoraSpec, target: PyTree, saved: LoraLayout) -> LoraLayout:
+    if isinstance(lora, LoraLayout):
+        return lora
+    if target is not None:
+        return lora.bind(target)
+    shapes: dict[KeyPath, tuple[Any, Any]] = {a.key: (a.shape, 'float32') for a in saved.adapters}
+    shapes.update(saved.trained)
+    return lora.bind(nest(_struct_tree(shapes)))
+
+
+def _struct_tree(shapes: Mapping[KeyPath, Any]) -> dict[KeyPath, Any]:
+    import jax
+
+    return {k: jax.ShapeDtypeStruct(tuple(s), d) for k, (s, d) in shapes.items()}
+
+
+def _reject_adapter_keys(target: PyTree, layout: LoraLayout) -> None:
+    keys = {canonical(k) for k in flatten(target)[0]}
+    clash = sorted(keys & {k for a in layout.adapters for k in (a.a_key, a.b_key)})
+    if clash:
+        raise SurgeryError(
+            f'The merge target holds adapter keys ({clash[0]!r}, ...); a merged restore returns '
+            "weights without adapters. Use mode='attach' to fill them, or a target without them."
+        )
+
+
+def _with_adapters(target: PyTree, layout: LoraLayout) -> PyTree:
+    """The target, or with the adapter keys it lacks added (then as nested dicts)."""
+    if target is None:
+        return None
+    flat = flatten(target)[0]
+    present = {canonical(k) for k in flat}
+    missing = {
+        k: v for k, v in flatten(layout.abstract_trainable(target))[0].items() if k not in present
+    }
+    if not missing:
+        return target
+    return nest({**{canonical(k): v for k, v in flat.items()}, **missing})
+
+
+def _trainable_of(item: PyTree, layout: LoraLayout) -> dict[str, Any]:
+    flat = {canonical(k): v for k, v in flatten(item)[0].items()}
+    shapes = canonical_shapes(item)
+    for a in layout.adapters:
+        a.checked_against([shapes.get(a.a_key), shapes.get(a.b_key)], 'the saved item')
+    out = {}
+    for key in sorted(layout.trainable_keys):
+        if key not in flat:
+            raise UnmatchedKeyError(
+                f'LoraSave: {key!r} is trained in full but not in the item.'
+                f'{did_you_mean(key, flat)}'
+            )
+        out[key] = flat[key]
+    for key, (shape, _) in layout.trained.items():
+        if tuple(shapes[key][0]) != tuple(shape):
+            raise LoraMismatchError(
+                f'LoraSave: {key!r} has shape {shapes[key][0]} in the item but {shape} in '
+                'the layout.'
+            )
+    return nest(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Within:
+    """Applies `rules` to the keys under `prefix/` only, then drops the prefix.
+
+    With `wins`, a key that exists outside too is replaced (fully trained params
+    in the adapter checkpoint replace the base's).
+    """
+
+    prefix: str
+    rules: Sequence[Rule]
+    wins: bool = False
+
+    def __repr__(self):
+        inner = ', '.join(map(repr, self.rules))
+        if self.wins:
+            return f'the {self.prefix} checkpoint, which holds the same key'
+        return f'{self.prefix} checkpoint' + (f' rules [{inner}]' if inner else '')
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        head = self.prefix + '/'
+        inside = {k[len(head) :]: e for k, e in tree.items() if k.startswith(head)}
+        out = {k: e for k, e in tree.items() if not k.startswith(head)}
+        for rule in self.rules:
+            inside = rule.apply(inside, target)
+        for key, entry in inside.items():
+            if key in out and not self.wins:
+                raise AmbiguousRuleError(
+                    f'{key!r} comes from both the {self.prefix} and another checkpoint.'
+                )
+            out[key] = entry
+        return out

@@ -1,0 +1,131 @@
+"""Merging adapters lazily: each shard of `W + scale * A @ B` from its own rows.
+
+For a target shard of `W` covering input rows `i` and output columns `j` (and
+layers `l` of a stacked weight), `LowRankUpdate` reads only `W[l, i, j]`,
+`A[l, i, :]` and `B[l, :, j]`. Every shard is computed where it lives, and the
+merged weight never exists whole on a host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+
+import numpy as np
+
+from orbax_surgery import expr as ex
+from orbax_surgery.errors import DtypeMismatchError, LoraMismatchError, UnmatchedKeyError
+from orbax_surgery.keys import KeyPath, did_you_mean
+from orbax_surgery.lora.layout import Adapter, LoraLayout, canonical
+from orbax_surgery.regions import Region, Shape
+from orbax_surgery.rules import Entry, Target, Tree
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankUpdate(ex.Expr):
+    """`base + sign * scale * A @ B`, computed region by region in float32 or wider."""
+
+    base: ex.Expr
+    a: ex.Expr
+    b: ex.Expr
+    adapter: Adapter
+    sign: int = 1
+
+    def __post_init__(self):
+        if not np.issubdtype(self.base.dtype, np.floating) and self.base.dtype.name != 'bfloat16':
+            raise DtypeMismatchError(
+                f'Cannot merge an adapter into {self.base.describe()!r}: its dtype is '
+                f'{self.base.dtype}, not a float.'
+            )
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return self.base.shape
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def children(self):
+        return (self.base, self.a, self.b)
+
+    @functools.cached_property
+    def _split(self) -> tuple[int, int]:
+        return self.adapter.batch_axes, self.adapter.batch_axes + self.adapter.in_axes
+
+    def child_regions(self, region: Region):
+        nb, ni = self._split
+        rank = range(self.adapter.rank)
+        yield self.base, region
+        yield self.a, region[:ni] + (rank,)
+        yield self.b, region[:nb] + (rank,) + region[ni:]
+
+    async def evaluate(self, region, ctx):
+        blocks = await asyncio.gather(*(c.evaluate(r, ctx) for c, r in self.child_regions(region)))
+        return self._combine(*blocks)
+
+    def eager(self, values):
+        return self._combine(self.base.eager(values), self.a.eager(values), self.b.eager(values))
+
+    def _combine(self, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        acc = np.result_type(w.dtype, a.dtype, b.dtype, np.float32)
+        if acc.name == 'bfloat16':
+            acc = np.dtype(np.float32)
+        delta = self.adapter.delta(a.astype(acc, copy=False), b.astype(acc, copy=False))
+        out = w.astype(acc)  # A copy: `w` may be a chunk other blocks still use.
+        out += delta if self.sign > 0 else -delta
+        return out.astype(self.dtype, copy=False)
+
+    def describe(self):
+        op = '+' if self.sign > 0 else '-'
+        return (
+            f'{self.base.describe()} {op} {self.adapter.scale:g} * '
+            f'{self.a.describe()} @ {self.b.describe()}'
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeAdapters:
+    """Rule: each adapted weight becomes `W ± scale * A @ B`; A and B are consumed.
+
+    Keys are matched as the layout names them, with or without the '/value'
+    that `nnx.State` leaves carry. `sign=-1` unmerges (subtracts).
+    """
+
+    layout: LoraLayout
+    sign: int = 1
+
+    def __repr__(self):
+        verb = 'MergeAdapters' if self.sign > 0 else 'UnmergeAdapters'
+        return f'{verb}({len(self.layout.adapters)} adapters)'
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        actual = {canonical(k): k for k in tree}
+        out = dict(tree)
+        for adapter in self.layout.adapters:
+            w, a, b = (
+                self._find(actual, k, tree) for k in (adapter.key, adapter.a_key, adapter.b_key)
+            )
+            found = [(tree[k].expr.shape, tree[k].expr.dtype) for k in (a, b)]
+            adapter.checked_against(found, 'the adapter checkpoint')
+            base = tree[w].expr
+            if base.shape != adapter.shape:
+                raise LoraMismatchError(
+                    f'Base weight {w!r} has shape {base.shape}, but its adapters were trained '
+                    f'on shape {adapter.shape}. Is this the base they were made for?'
+                )
+            update = LowRankUpdate(base, tree[a].expr, tree[b].expr, adapter, self.sign)
+            out[w] = tree[w].then(self, update)
+            del out[a], out[b]
+        return out
+
+    @staticmethod
+    def _find(actual: dict[KeyPath, KeyPath], key: KeyPath, tree: Tree) -> KeyPath:
+        if key not in actual:
+            raise UnmatchedKeyError(
+                f'Merging LoRA adapters needs {key!r}, which is not among the {len(tree)} keys '
+                f'of the base and adapter checkpoints.{did_you_mean(key, actual)}'
+            )
+        return actual[key]
