@@ -11,6 +11,7 @@ Trees come back as nested dicts (`nnx.to_pure_dict` form for NNX state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,7 +57,18 @@ def adapter_keys(key: KeyPath, templates: tuple[str, str]) -> tuple[KeyPath, Key
 
 
 def low_rank_delta(a: Any, b: Any, batch_axes: int, in_axes: int) -> Any:
-    """`A @ B` per batch entry, shaped `batch + in + out` (NumPy or jax.numpy)."""
+    """`A @ B` per batch entry, shaped `batch + in + out` (NumPy or jax.numpy).
+
+    NumPy blocks go through one batched BLAS matmul; JAX arrays through an
+    einsum, which keeps explicit shardings (A's input axes, B's output axes).
+    """
+    if not isinstance(a, np.ndarray):
+        letters = [chr(ord('a') + i) for i in range(a.ndim + b.ndim)]
+        batch, ins = letters[:batch_axes], letters[batch_axes : batch_axes + in_axes]
+        outs = letters[batch_axes + in_axes : batch_axes + in_axes + b.ndim - batch_axes - 1]
+        rank = 'z'
+        spec = f'{"".join(batch + ins)}{rank},{"".join(batch)}{rank}{"".join(outs)}'
+        return jnp.einsum(f'{spec}->{"".join(batch + ins + outs)}', a, b)
     batch = a.shape[:batch_axes]
     ins = a.shape[batch_axes:-1]
     outs = b.shape[batch_axes + 1 :]
@@ -189,7 +201,7 @@ class LoraLayout:
         lines += [f'  {k} {s}: trained in full' for k, (s, _) in self.trained.items()]
         return '\n'.join(lines)
 
-    @property
+    @functools.cached_property
     def trainable_keys(self) -> frozenset[KeyPath]:
         """The keys an adapter checkpoint holds: every A and B, and `trained`."""
         keys = {k for a in self.adapters for k in (a.a_key, a.b_key)}
@@ -240,7 +252,8 @@ class LoraLayout:
         """
         flat = _canonical_flat(params)
         extra = _canonical_flat(trainable) if trainable is not None else flat
-        out = {k: v for k, v in flat.items() if k not in self.trainable_keys or k in self.trained}
+        trainable = self.trainable_keys
+        out = {k: v for k, v in flat.items() if k not in trainable or k in self.trained}
         for a in self.adapters:
             w = _needed(flat, a.key, 'params')
             wa, wb = _needed(extra, a.a_key, 'trainable'), _needed(extra, a.b_key, 'trainable')
@@ -258,11 +271,12 @@ class LoraLayout:
     def split(self, joined: PyTree) -> tuple[dict[str, Any], dict[str, Any]]:
         """`(frozen, trainable)` from a tree holding both (e.g. `nnx.state(model)`)."""
         flat = _canonical_flat(joined)
-        keys = self.trainable_keys
+        trainable = self.trainable_keys
+        keys = sorted(trainable)
         for k in keys:
             _needed(flat, k, 'the joined tree')
-        frozen = {k: v for k, v in flat.items() if k not in keys}
-        return nest(frozen), nest({k: flat[k] for k in sorted(keys)})
+        frozen = {k: v for k, v in flat.items() if k not in trainable}
+        return nest(frozen), nest({k: flat[k] for k in keys})
 
     def join(self, frozen: PyTree, trainable: PyTree) -> dict[str, Any]:
         """One tree from `split`'s two; trainable values win."""

@@ -106,7 +106,8 @@ class MergeAdapters:
         out = dict(tree)
         for adapter in self.layout.adapters:
             w, a, b = (
-                self._find(actual, k, tree) for k in (adapter.key, adapter.a_key, adapter.b_key)
+                self._find(actual, k, self.layout.trainable_keys)
+                for k in (adapter.key, adapter.a_key, adapter.b_key)
             )
             found = [(tree[k].expr.shape, tree[k].expr.dtype) for k in (a, b)]
             adapter.checked_against(found, 'the adapter checkpoint')
@@ -122,10 +123,13 @@ class MergeAdapters:
         return out
 
     @staticmethod
-    def _find(actual: dict[KeyPath, KeyPath], key: KeyPath, tree: Tree) -> KeyPath:
+    def _find(
+        actual: dict[KeyPath, KeyPath], key: KeyPath, adapters: frozenset[KeyPath]
+    ) -> KeyPath:
         if key not in actual:
+            weights = [k for k in actual if k not in adapters]
             raise UnmatchedKeyError(
-                f'Merging LoRA adapters needs {key!r}, which is not among the {len(tree)} keys '
-                f'of the base and adapter checkpoints.{did_you_mean(key, actual)}'
+                f'Merging LoRA adapters needs {key!r}, which is not among the {len(actual)} keys '
+                f'of the base and adapter checkpoints.{did_you_mean(key, weights)}'
             )
         return actual[key]

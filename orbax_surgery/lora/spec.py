@@ -160,11 +160,13 @@ class LoraSpec:
         existing = _adapter_like(shapes, templates)
         weights = {k: v for k, v in shapes.items() if k not in existing}
         adapters: list[Adapter] = []
+        chosen: set[int] = set()
         for key, (shape, dtype) in weights.items():
             target = self._target_for(key, shape)
             if target is not None:
+                chosen.add(id(target))
                 adapters.append(self._adapter(key, shape, dtype, target, shapes, templates))
-        self._check_every_pattern_used(weights, adapters)
+        self._check_every_pattern_used(weights, chosen)
         if not adapters:
             raise UnmatchedKeyError(
                 f'LoraSpec targets match none of the {len(weights)} parameters '
@@ -244,11 +246,9 @@ class LoraSpec:
             adapter = adapter.checked_against(found, 'the params')
         return adapter
 
-    def _check_every_pattern_used(self, weights: Mapping[KeyPath, Any], adapters: list[Adapter]):
-        if callable(self.targets):
-            return
+    def _check_every_pattern_used(self, weights: Mapping[KeyPath, Any], chosen: set[int]):
         for target in self._patterns:
-            if not any(target._re.fullmatch(a.key) for a in adapters):
+            if id(target) not in chosen:
                 matches = [k for k in weights if target._re.fullmatch(k)]
                 why = (
                     f'its matches {summarize(matches)} were taken by an earlier target'
