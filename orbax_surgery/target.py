@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from orbax_surgery.errors import SurgeryError
+from orbax_surgery.errors import ShapeMismatchError, SurgeryError
 from orbax_surgery.expr import Kind
 from orbax_surgery.keys import KeyPath, PyTree, flatten
 from orbax_surgery.regions import Shape
@@ -59,7 +59,23 @@ def read_target(tree: PyTree) -> tuple[dict[KeyPath, TargetLeaf], Any]:
         ((2, 3), True)
     """
     flat, treedef = flatten(tree)
-    return {key: _leaf(key, value) for key, value in flat.items()}, treedef
+    leaves = {key: _leaf(key, value) for key, value in flat.items()}
+    for leaf in leaves.values():
+        _check_sharding(leaf)
+    return leaves, treedef
+
+
+def _check_sharding(leaf: TargetLeaf) -> None:
+    if leaf.sharding is None or leaf.shape is None:
+        return
+    try:
+        leaf.sharding.shard_shape(leaf.shape)
+    except ValueError as e:  # jax's IndivisibleError
+        reason = str(e).split(' (full shape')[0].split('implies that ')[-1]
+        raise ShapeMismatchError(
+            f'Target {leaf.key!r} of shape {leaf.shape} cannot take its sharding '
+            f'{getattr(leaf.sharding, "spec", leaf.sharding)}: {reason}.'
+        ) from e
 
 
 def _leaf(key: KeyPath, x: Any) -> TargetLeaf:

@@ -56,3 +56,9 @@ def test_unsupported_leaves_are_named():
 def test_a_prng_key_target_is_a_clear_error():
     with pytest.raises(osurg.SurgeryError, match=r"'rng' is a PRNG key array \(key<fry>\)"):
         read_target({'rng': jax.eval_shape(lambda: jax.random.key(0))})
+
+
+def test_a_sharding_that_does_not_divide_the_shape_names_the_key(mesh2x4):
+    bad = jax.ShapeDtypeStruct((64, 10), np.float32, sharding=NamedSharding(mesh2x4, P('a', 'b')))
+    with pytest.raises(osurg.ShapeMismatchError, match=r"'head/kernel' of shape .*axis 1"):
+        read_target({'head': {'kernel': bad}})
