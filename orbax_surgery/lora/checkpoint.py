@@ -42,6 +42,22 @@ class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
 
     What it writes is an ordinary Orbax PyTree item (plus metadata), so plain
     `StandardRestore` can read the adapters too.
+
+    Example:
+        >>> import tempfile, jax, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> root = tempfile.mkdtemp()
+        >>> params = {'dense': {'kernel': np.ones((4, 6), np.float32)}}
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(f'{root}/base', params)
+        >>> lora = LoraSpec(['dense/kernel'], rank=2, alpha=4).bind(params)
+        >>> trainable = {'dense': {'kernel_lora_a': np.ones((4, 2), np.float32),
+        ...                        'kernel_lora_b': np.full((2, 6), 0.25, np.float32)}}
+        >>> with ocp.Checkpointer(LoraCheckpointHandler()) as ckptr:
+        ...     ckptr.save(f'{root}/adapters', args=LoraSave(item=trainable, lora=lora))
+        ...     merged = ckptr.restore(f'{root}/adapters', args=LoraRestore(base=f'{root}/base'))
+        >>> merged['dense']['kernel'][0]  # 1 + (4 / 2) * (1 * 0.25 + 1 * 0.25)
+        array([2., 2., 2., 2., 2., 2.], dtype=float32)
     """
 
     def __init__(self, *, use_ocdbt: bool = True):
