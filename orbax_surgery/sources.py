@@ -69,6 +69,7 @@ class OrbaxCheckpoint:
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory = _checked_directory(epath.Path(directory))
         metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory)
+        self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
         flat, _ = flatten(metadata.tree)
         self._use_zarr3 = bool(getattr(metadata, 'use_zarr3', False))
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)

@@ -200,15 +200,17 @@ class LoraRestore(ocp.args.CheckpointArgs):
 
 def read_lora_layout(directory: epath.PathLike) -> LoraLayout:
     """The layout a `LoraSave` checkpoint item recorded, reading no array data."""
-    path = epath.Path(directory)
-    OrbaxCheckpoint(path)  # Clear errors for a missing or unfinalized item.
-    custom = ocp.PyTreeCheckpointHandler().metadata(path).custom_metadata or {}
-    if METADATA_KEY not in custom:
+    return _layout_of(OrbaxCheckpoint(directory))
+
+
+def _layout_of(checkpoint: OrbaxCheckpoint) -> LoraLayout:
+    if METADATA_KEY not in checkpoint.custom_metadata:
         raise LoraMismatchError(
-            f'{path} holds no LoRA layout in its metadata: it was not saved with LoraSave. '
-            'Restore it with SurgeryRestore, or pass the adapters as a LoraSave checkpoint.'
+            f'{checkpoint.directory} holds no LoRA layout in its metadata: it was not saved with '
+            'LoraSave. Restore it with SurgeryRestore, or pass the adapters as a LoraSave '
+            'checkpoint.'
         )
-    return LoraLayout.from_json(custom[METADATA_KEY]['layout'])
+    return LoraLayout.from_json(checkpoint.custom_metadata[METADATA_KEY]['layout'])
 
 
 def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
@@ -222,8 +224,8 @@ def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
 
 def _prepare(directory: epath.PathLike, args: LoraRestore) -> tuple[Plan, Any, Any]:
     """The plan of a `LoraRestore`, its source, and how to shape the result."""
-    saved = read_lora_layout(directory)
-    adapters = OrbaxCheckpoint(directory)
+    adapters = OrbaxCheckpoint(directory)  # Its metadata is read once, here.
+    saved = _layout_of(adapters)
     where = f'the adapter checkpoint {directory}'
     if args.lora is not None:
         _given_layout(args.lora, args.target, saved).check_same(saved, where)
