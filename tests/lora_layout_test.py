@@ -211,3 +211,22 @@ def test_str_lists_every_adapter():
     text = str(LAYOUT)
     assert 'layers/kernel (3, 8, 6): rank 3, scale 1, A (3, 8, 3), B (3, 3, 6)' in text
     assert 'o/bias (8,): trained in full' in text
+
+
+def test_init_of_an_nnx_state_updates_the_models_lora_params():
+    from flax import nnx
+
+    model = nnx.LoRALinear(64, 32, lora_rank=4, rngs=nnx.Rngs(0))
+    layout = LoraSpec(['kernel'], rank=4, naming='nnx').bind(nnx.state(model))
+    nnx.update(model, layout.init(nnx.state(model), jax.random.key(1), stddev=0.1))
+    assert 0.08 < float(jnp.std(model.lora.lora_a[...])) < 0.12
+    assert not np.any(model.lora.lora_b[...])
+
+
+def test_nnx_lora_with_a_base_module_names_adapters_beside_it():
+    from flax import nnx
+
+    lora = nnx.LoRA(8, 2, 6, base_module=nnx.Linear(8, 6, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    spec = LoraSpec(['base_module/kernel'], rank=2, naming=('{parent}/lora_a', '{parent}/lora_b'))
+    adapter = spec.bind(nnx.state(lora)).adapters[0]
+    assert (adapter.a_key, adapter.b_key) == ('lora_a', 'lora_b')

@@ -49,11 +49,16 @@ def canonical_shapes(tree: PyTree) -> dict[KeyPath, tuple[Shape, np.dtype]]:
 
 
 def adapter_keys(key: KeyPath, templates: tuple[str, str]) -> tuple[KeyPath, KeyPath]:
-    """The A and B keys of the weight at `key`, from `{module}`/`{name}` templates."""
+    """The A and B keys of the weight at `key`, from templates.
+
+    `{module}` is the key without its last part, `{name}` that part, and
+    `{parent}` the module without its last part (`nnx.LoRA(base_module=...)`
+    keeps its adapters beside `base_module`).
+    """
     module, _, name = key.rpartition(SEP)
-    filled = [t.format(module=module, name=name) for t in templates]
-    a, b = (k.removeprefix(SEP) if not module else k for k in filled)
-    return a, b
+    parent = module.rpartition(SEP)[0]
+    filled = [t.format(module=module, name=name, parent=parent) for t in templates]
+    return tuple(SEP.join(p for p in k.split(SEP) if p) for k in filled)  # type: ignore[return-value]
 
 
 def low_rank_delta(a: Any, b: Any, batch_axes: int, in_axes: int) -> Any:

@@ -87,7 +87,8 @@ class LoraSpec:
         naming: Where adapters live next to their weight: 'sibling'
             (`dense/kernel_lora_a`, as qwix names them in Linen), 'nnx'
             (`dense/lora/lora_a`, as in `nnx.LoRALinear`), or two templates
-            using `{module}` and `{name}`.
+            using `{module}` (the key minus its last part), `{name}` (that
+            part) and `{parent}` (the module minus its last part).
         dtype: Adapter dtype for new adapters.
 
     Example:
@@ -285,8 +286,9 @@ def _adapter_like(shapes: Mapping[KeyPath, Any], templates: tuple[str, str]) -> 
     found = set()
     for template in templates:
         pattern = re.escape(template)
-        pattern = pattern.replace(re.escape('{module}') + '/', '(?:.*/)?')
-        pattern = pattern.replace(re.escape('{module}'), '.*')
+        for part in ('{module}', '{parent}'):
+            pattern = pattern.replace(re.escape(part) + '/', '(?:.*/)?')
+            pattern = pattern.replace(re.escape(part), '.*')
         pattern = pattern.replace(re.escape('{name}'), '[^/]+')
         compiled = re.compile(pattern)
         found |= {k for k in shapes if compiled.fullmatch(k)}
