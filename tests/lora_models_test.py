@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -534,3 +535,49 @@ def test_adapter_checkpoint_is_under_two_percent_of_a_200mb_base(tmp_path):
     assert on_disk_base > 0.9 * base_bytes  # Random normals barely compress, as intended.
     assert on_disk_adapters > 0.9 * sum(leaf.nbytes for leaf in jax.tree.leaves(trainable))
     assert ratio < 0.02, ratio
+
+
+# NNX state targets (keys ending in '/value'), whatever spelling the base was saved in.
+
+
+@pytest.mark.parametrize('base_as', ['pure_dict', 'state'])
+def test_nnx_state_targets_restore_in_every_mode(tmp_path, base_as):
+    x, _ = toy_data(5, (BATCH, D), (BATCH, OUT))
+    model = NnxModel(nnx.Rngs(0), lora_rank=NNX_RANK)
+    lora = NNX_SPEC.bind(nnx.state(model))
+    trainable = lora.init(nnx.state(model), jax.random.key(1), stddev=0.1)
+    trainable = jax.tree.map(lambda a: a + 0.05, trainable)  # B non-zero, as after training
+    nnx.update(model, trainable)
+    want = np.asarray(model(x))
+    base = nnx.state(model, nnx.Not(nnx.LoRAParam))
+    save_fixture = base if base_as == 'state' else nnx.to_pure_dict(base)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / 'base', save_fixture)
+    with ocp.Checkpointer(osurg.LoraCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / 'adapters', args=osurg.LoraSave(item=nnx.state(model), lora=lora))
+
+    mesh = auto_mesh()
+    for mode, rank in (('attach', NNX_RANK), ('merge', None), ('split', NNX_RANK)):
+        graphdef, state = nnx.split(
+            nnx.eval_shape(lambda r=rank: NnxModel(nnx.Rngs(0), lora_rank=r))
+        )
+        target = sharded_target(state, mesh)
+        args = osurg.LoraRestore(base=tmp_path / 'base', target=target, mode=mode)
+        with ocp.Checkpointer(osurg.LoraCheckpointHandler()) as ckptr:
+            restored = ckptr.restore(tmp_path / 'adapters', args=args)
+        if mode == 'split':
+            frozen, adapters = restored
+            nnx.replace_by_pure_dict(state, lora.join(frozen, adapters))
+            restored = state
+        else:
+            assert isinstance(restored, nnx.State), mode
+        np.testing.assert_allclose(nnx.merge(graphdef, restored)(x), want, **TOL, err_msg=mode)
+
+
+def test_nnx_spec_targeting_a_layer_without_lora_params_fails_at_bind():
+    model = NnxModel(nnx.Rngs(0), lora_rank=NNX_RANK)
+    spec = osurg.LoraSpec(
+        [osurg.LoraTarget('head/kernel', rank=2), r'.*/kernel'], rank=NNX_RANK, naming='nnx'
+    )
+    with pytest.raises(osurg.UnmatchedKeyError, match=r"none for 'head/kernel'.*nnx.LoRALinear"):
+        spec.bind(nnx.state(model))

@@ -246,7 +246,7 @@ def _prepare(directory: epath.PathLike, args: LoraRestore) -> tuple[Plan, Any, A
         target = _with_adapters(target, saved)
         if args.mode == 'split':
             finish = saved.split
-    plan = resolve(source.arrays, target, rules)
+    plan = resolve(source.arrays, target, [*rules, _TargetSpelling()])
     return plan, source, finish
 
 
@@ -340,10 +340,34 @@ class _Within:
         out = {k: e for k, e in tree.items() if not k.startswith(head)}
         for rule in self.rules:
             inside = rule.apply(inside, target)
+        outside = {canonical(k): k for k in out}
         for key, entry in inside.items():
-            if key in out and not self.wins:
+            clash = outside.get(canonical(key))
+            if clash is not None and not self.wins:
                 raise AmbiguousRuleError(
                     f'{key!r} comes from both the {self.prefix} and another checkpoint.'
                 )
+            if clash is not None:
+                del out[clash]
             out[key] = entry
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _TargetSpelling:
+    """Renames keys to the target's spelling when they differ only by '/value'.
+
+    An `nnx.State` target has a trailing '/value' on every key; adapters are
+    saved without it, and a base may be saved either way.
+    """
+
+    def __repr__(self):
+        return "keys spelled as the target's ('/value')"
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        wanted = {canonical(k): k for k in target}
+        out = {}
+        for key, entry in tree.items():
+            spelled = wanted.get(canonical(key), key)
+            out[spelled if spelled not in tree or spelled == key else key] = entry
         return out

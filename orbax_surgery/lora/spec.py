@@ -166,7 +166,9 @@ class LoraSpec:
             target = self._target_for(key, shape)
             if target is not None:
                 chosen.add(id(target))
-                adapters.append(self._adapter(key, shape, dtype, target, shapes, templates))
+                adapters.append(
+                    self._adapter(key, shape, dtype, target, shapes, templates, existing)
+                )
         self._check_every_pattern_used(weights, chosen)
         if not adapters:
             raise UnmatchedKeyError(
@@ -209,6 +211,7 @@ class LoraSpec:
         target: LoraTarget,
         shapes: Mapping[KeyPath, tuple[Shape, np.dtype]],
         templates: tuple[str, str],
+        existing: set[KeyPath],
     ) -> Adapter:
         rank = target.rank or self.rank
         alpha = float(target.alpha if target.alpha is not None else self.alpha or rank)
@@ -244,7 +247,13 @@ class LoraSpec:
         )
         found = [shapes.get(a_key), shapes.get(b_key)]
         if any(found):
-            adapter = adapter.checked_against(found, 'the params')
+            return adapter.checked_against(found, 'the params')
+        if existing:
+            raise UnmatchedKeyError(
+                f'The params hold adapters (e.g. {min(existing)!r}) but none for {key!r} at '
+                f'{a_key!r}: that layer cannot train an adapter. Build it with '
+                'nnx.LoRALinear, or narrow the target patterns.'
+            )
         return adapter
 
     def _check_every_pattern_used(self, weights: Mapping[KeyPath, Any], chosen: set[int]):
