@@ -231,8 +231,7 @@ def _prepare(directory: epath.PathLike, args: LoraRestore) -> tuple[Plan, Any, A
         _given_layout(args.lora, args.target, saved).check_same(saved, where)
     if args.base is None:
         target = saved.abstract_trainable() if args.target is None else args.target
-        plan = resolve(adapters.arrays, target)
-        return plan, adapters, lambda tree: tree
+        return resolve(adapters.arrays, target, [_TargetSpelling()]), adapters, _same
     source = Namespaced({'base': OrbaxCheckpoint(args.base), 'adapters': adapters})
     base_rules = normalize_rules(args.base_rules)
     rules: list[Rule] = [_Within('base', base_rules), _Within('adapters', (), wins=True)]
