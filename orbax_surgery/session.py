@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ class Usage:
     chunks: collections.Counter[ChunkId] = dataclasses.field(default_factory=collections.Counter)
     applies: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     block_chunks: list[list[ChunkId]] = dataclasses.field(default_factory=list)
+    reads: collections.Counter[KeyPath] = dataclasses.field(default_factory=collections.Counter)
+    sources: dict[KeyPath, ex.Source] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def count(cls, blocks: Iterable[Block]) -> Usage:
@@ -52,6 +55,8 @@ class Usage:
 
     def _walk(self, node: ex.Expr, region: Region, touched: list[ChunkId]) -> None:
         if isinstance(node, ex.Source):
+            self.reads[node.key] += 1
+            self.sources[node.key] = node
             if node.chunk_shape is not None:
                 for c in regions.chunk_cover(region, node.chunk_shape):
                     self.chunks[node.key, c] += 1
@@ -74,6 +79,15 @@ class Usage:
         return sorted(range(len(self.block_chunks)), key=key)
 
 
+SMALL_SOURCE_BYTES = 4 * 2**20
+"""Stored arrays up to this size that a host reads in several chunks are read in one go.
+
+LoRA adapters are the typical case: every shard of a weight reads a few rows of
+`A`, which Orbax may have stored in many small chunks; one read of the host's
+part replaces hundreds of tiny ones.
+"""
+
+
 class Session:
     """The evaluation context of one restore (see the module docstring).
 
@@ -86,9 +100,14 @@ class Session:
         usage: The counted reads of every block that will be evaluated.
     """
 
-    def __init__(self, source: ArraySource, usage: Usage):
+    def __init__(
+        self, source: ArraySource, usage: Usage, *, small_source_bytes: int = SMALL_SOURCE_BYTES
+    ):
         self._source = source
-        self._left = {c: n for c, n in usage.chunks.items() if n > 1}
+        self._boxes = _small_source_boxes(usage, small_source_bytes)
+        self._box_reads = {key: usage.reads[key] for key in self._boxes}
+        self._box_tasks: dict[KeyPath, asyncio.Task[np.ndarray]] = {}
+        self._left = {c: n for c, n in usage.chunks.items() if n > 1 and c[0] not in self._boxes}
         self._shared_keys = {key for key, _ in self._left}
         self._kept: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._nbytes: dict[ChunkId, int] = {}
@@ -111,6 +130,8 @@ class Session:
                 self._whole.pop(id(node), None)
 
     async def read(self, source: ex.Source, region: Region) -> np.ndarray:
+        if source.key in self._boxes:
+            return await self._from_box(source, region)
         grid = source.chunk_shape
         if grid is None or source.key not in self._shared_keys:
             return await self._source.read(source, region)
@@ -157,6 +178,53 @@ class Session:
             self.kept_bytes += self._nbytes[source.key, chunk]
             self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
         return await task
+
+    async def _from_box(self, source: ex.Source, region: Region) -> np.ndarray:
+        """A read of a small source, served from its box, read once at first use."""
+        box = self._boxes[source.key]
+        try:
+            if regions.size_of(region) == 0:  # Touches no chunk, so maybe not inside the box.
+                return np.empty(regions.shape_of(region), source.dtype)
+            task = self._box_tasks.get(source.key)
+            if task is None:
+                task = asyncio.ensure_future(self._source.read(source, box))
+                self._box_tasks[source.key] = task
+                self.kept_bytes += regions.size_of(box) * source.dtype.itemsize
+                self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
+            local = tuple(
+                range(r.start - b.start, r.stop - b.start, r.step)
+                for r, b in zip(region, box, strict=True)
+            )
+            return np.array(regions.take(await task, local))
+        finally:
+            self._box_reads[source.key] -= 1
+            if self._box_reads[source.key] <= 0 and source.key in self._box_tasks:
+                del self._box_tasks[source.key]
+                self.kept_bytes -= regions.size_of(box) * source.dtype.itemsize
+
+
+def _small_source_boxes(usage: Usage, small_source_bytes: int) -> dict[KeyPath, Region]:
+    """The box of chunks this host touches, for small sources read in several chunks.
+
+    Only where the box holds exactly the touched chunks, so reading it reads
+    no byte more than reading them one by one.
+    """
+    touched: dict[KeyPath, set[tuple[int, ...]]] = collections.defaultdict(set)
+    for key, chunk in usage.chunks:
+        touched[key].add(chunk)
+    out = {}
+    for key, chunks in touched.items():
+        source = usage.sources[key]
+        if len(chunks) < 2 or source.nbytes > small_source_bytes or source.chunk_shape is None:
+            continue
+        lo = [min(c[a] for c in chunks) for a in range(len(source.shape))]
+        hi = [max(c[a] for c in chunks) + 1 for a in range(len(source.shape))]
+        if math.prod(h - low for low, h in zip(lo, hi, strict=True)) != len(chunks):
+            continue
+        first = _chunk_region(lo, source.shape, source.chunk_shape)
+        last = _chunk_region([h - 1 for h in hi], source.shape, source.chunk_shape)
+        out[key] = tuple(range(f.start, la.stop) for f, la in zip(first, last, strict=True))
+    return out
 
 
 def _chunk_region(chunk: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> Region:

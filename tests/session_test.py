@@ -99,7 +99,7 @@ def test_kept_memory_stays_near_one_chunk_when_the_budget_is_tight(mesh8):
     plan = osurg.resolve(source.arrays, target, [osurg.Rename('embed', 'a'), osurg.Copy('a', 'b')])
     blocks = [(step.expr, region) for step in plan.steps for region in host_regions(step)]
     usage = Usage.count(blocks)
-    session = Session(source, usage)
+    session = Session(source, usage, small_source_bytes=0)  # As if the embedding were big.
 
     async def run(order):
         for i in order:  # One block at a time, as a tight budget admits them.
@@ -121,18 +121,19 @@ def layouts(draw):
     shape = tuple(draw(st.integers(1, 7)) for _ in range(ndim))
     chunks = tuple(draw(st.integers(1, n)) for n in shape)
     requests = draw(st.lists(st.tuples(*(axis_request(n) for n in shape)), min_size=1, max_size=6))
-    return shape, chunks, requests
+    small_source_bytes = draw(st.sampled_from([0, 2**20]))  # Chunk by chunk, or one box.
+    return shape, chunks, requests, small_source_bytes
 
 
 @settings(max_examples=200, deadline=None)
 @given(layouts())
 def test_session_reads_give_exact_values_and_read_shared_chunks_once(layout):
-    shape, chunks, requests = layout
+    shape, chunks, requests, small_source_bytes = layout
     value = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
     source = ChunkedSource({'w': value}, {'w': chunks})
     leaf = source.arrays['w']
     usage = Usage.count((leaf, r) for r in requests)
-    session = Session(source, usage)
+    session = Session(source, usage, small_source_bytes=small_source_bytes)
 
     async def run():
         return await asyncio.gather(*(session.read(leaf, r) for r in requests))
@@ -156,3 +157,30 @@ def test_unrolling_a_one_chunk_checkpoint_reads_it_once(tmp_path, mesh8, cache_b
         out = osurg.materialize(plan, source)
     np.testing.assert_array_equal(out['layers_5']['w'], stacked[5])
     assert 0.9 * stacked.nbytes <= read[0] <= 1.05 * stacked.nbytes  # zstd takes a little.
+
+
+def test_a_small_source_in_many_chunks_is_read_in_one_go(mesh8):
+    """LoRA's A: every shard reads a few rows, stored in many tiny chunks."""
+    a = random_array((64, 8))
+    source = ChunkedSource({'a': a}, {'a': (4, 8)})
+    calls = []
+    read = source.read
+
+    async def counted(src, region):
+        calls.append(region)
+        return await read(src, region)
+
+    source.read = counted
+    leaf = source.arrays['a']
+    requests = [(range(i, i + 16), range(8)) for i in range(0, 64, 16)] * 2
+    usage = Usage.count((leaf, r) for r in requests)
+    session = Session(source, usage)
+
+    async def run():
+        return await asyncio.gather(*(session.read(leaf, r) for r in requests))
+
+    for got, r in zip(run_sync(run()), requests, strict=True):
+        np.testing.assert_array_equal(got, regions.take(a, r))
+    assert calls == [(range(64), range(8))]  # One read of the box, for 8 requests of 16 chunks.
+    assert set(source.chunk_reads.values()) == {1}
+    assert session.peak_kept_bytes == a.nbytes and session.kept_bytes == 0

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import orbax.checkpoint as ocp
+import threadpoolctl
 from etils import epath
 
 from orbax_surgery.errors import (
@@ -98,7 +99,11 @@ class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
         if item is not None:
             raise SurgeryError('Pass LoraRestore as args=LoraRestore(...), not positionally.')
         plan, source, finish = _prepare(directory, args)
-        return finish(materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes))
+        # Each shard's update is a thin matmul (inner size = rank) on the reading thread;
+        # BLAS threads would only spin against TensorStore's decoders (measured: 1.4x slower).
+        with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
+            tree = materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
+        return finish(tree)
 
     def metadata(self, directory: epath.Path) -> Any:
         return self._impl.metadata(directory)

@@ -17,7 +17,7 @@ import numpy as np
 from orbax_surgery import expr as ex
 from orbax_surgery.errors import DtypeMismatchError, LoraMismatchError, UnmatchedKeyError
 from orbax_surgery.keys import KeyPath, did_you_mean
-from orbax_surgery.lora.layout import Adapter, LoraLayout, canonical
+from orbax_surgery.lora.layout import Adapter, LoraLayout, canonical, low_rank_delta
 from orbax_surgery.regions import Region, Shape
 from orbax_surgery.rules import Entry, Target, Tree
 
@@ -73,9 +73,12 @@ class LowRankUpdate(ex.Expr):
         acc = np.result_type(w.dtype, a.dtype, b.dtype, np.float32)
         if acc.name == 'bfloat16':
             acc = np.dtype(np.float32)
-        delta = self.adapter.delta(a.astype(acc, copy=False), b.astype(acc, copy=False))
-        out = w.astype(acc)  # A copy: `w` may be a chunk other blocks still use.
-        out += delta if self.sign > 0 else -delta
+        scaled_b = b.astype(acc) * (self.sign * self.adapter.scale)  # B is the small one.
+        adapter = self.adapter
+        out = low_rank_delta(
+            a.astype(acc, copy=False), scaled_b, adapter.batch_axes, adapter.in_axes
+        )
+        out += w  # In place, in the wider dtype: one pass over the block.
         return out.astype(self.dtype, copy=False)
 
     def describe(self):
