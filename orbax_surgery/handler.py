@@ -24,7 +24,36 @@ from orbax_surgery.saving import PlannedSave, plan_save, save_with_rules, with_l
 from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
 
 
-class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
+class PyTreeItemHandler(ocp.AsyncCheckpointHandler):
+    """Base of this package's handlers: an Orbax PyTree item, written by Orbax's handler.
+
+    Subclasses say how args become what `ocp.PyTreeCheckpointHandler` writes
+    (`async_save`) and how a restore reads it; saving synchronously, metadata,
+    finalizing and closing are the PyTree handler's.
+    """
+
+    def __init__(self, *, use_ocdbt: bool = True):
+        self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+
+    def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
+        async def save_and_commit() -> None:
+            for commit in await self.async_save(directory, item, args=args) or []:
+                commit.result()
+
+        run_sync(save_and_commit())
+
+    def metadata(self, directory: epath.Path) -> Any:
+        """The checkpoint's own tree metadata (a plan shows the restored tree's)."""
+        return self._impl.metadata(directory)
+
+    def finalize(self, directory: epath.Path) -> None:
+        self._impl.finalize(directory)
+
+    def close(self) -> None:
+        self._impl.close()
+
+
+class SurgeryCheckpointHandler(PyTreeItemHandler):
     """Saves like Orbax's PyTree handler; restores through surgery rules, lazily.
 
     Saving delegates to `ocp.PyTreeCheckpointHandler`, so what it writes is an
@@ -53,7 +82,7 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
             cache_bytes: TensorStore chunk cache shared by all arrays of one restore.
                 Off by default: a restore already reads each stored chunk once per host.
         """
-        self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
+        super().__init__(use_ocdbt=use_ocdbt)
         self._cache_bytes = cache_bytes
 
     @classmethod
@@ -84,15 +113,6 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
             ),
         )
 
-    def save(
-        self, directory: epath.Path, item: Any = None, args: SurgerySave | None = None
-    ) -> None:
-        async def save_and_commit() -> None:
-            for commit in await self.async_save(directory, item, args=args) or []:
-                commit.result()
-
-        run_sync(save_and_commit())
-
     def restore(
         self, directory: epath.Path, item: Any = None, args: SurgeryRestore | None = None
     ) -> PyTree:
@@ -103,16 +123,6 @@ class SurgeryCheckpointHandler(ocp.AsyncCheckpointHandler):
         source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
         plan = resolve(source.arrays, args.target, args.rules)
         return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
-
-    def metadata(self, directory: epath.Path) -> Any:
-        """The checkpoint's own tree metadata; `plan_restore` shows the target's."""
-        return self._impl.metadata(directory)
-
-    def finalize(self, directory: epath.Path) -> None:
-        self._impl.finalize(directory)
-
-    def close(self) -> None:
-        self._impl.close()
 
 
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_save=True)
@@ -157,8 +167,8 @@ class SurgerySave(ocp.args.CheckpointArgs):
     )
 
     def __post_init__(self):
-        self.rules = _checked_rules(self.rules)
-        _check_budget(self.max_inflight_bytes)
+        self.rules = checked_rules(self.rules)
+        check_budget(self.max_inflight_bytes)
         # Planned here, so bad rules or save args fail before Orbax starts a checkpoint.
         if self.rules or self.target is not None:
             self.planned = plan_save(
@@ -192,8 +202,8 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
 
     def __post_init__(self):
-        self.rules = _checked_rules(self.rules)
-        _check_budget(self.max_inflight_bytes)
+        self.rules = checked_rules(self.rules)
+        check_budget(self.max_inflight_bytes)
 
 
 def plan_restore(
@@ -218,7 +228,8 @@ def plan_restore(
     return resolve(OrbaxCheckpoint(directory).arrays, target, rules)
 
 
-def _checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:
+def checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:
+    """The rules as a tuple (an Orbax Transform tree wrapped), each checked to be a rule."""
     checked = normalize_rules(rules)
     for i, rule in enumerate(checked):
         if not callable(getattr(rule, 'apply', None)):
@@ -229,7 +240,8 @@ def _checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...
     return checked
 
 
-def _check_budget(max_inflight_bytes: int) -> None:
+def check_budget(max_inflight_bytes: int) -> None:
+    """Raises unless the in-flight byte budget is positive."""
     if max_inflight_bytes <= 0:
         raise SurgeryError(f'max_inflight_bytes must be positive, not {max_inflight_bytes}.')
 

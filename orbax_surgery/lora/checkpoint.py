@@ -24,6 +24,7 @@ from orbax_surgery.errors import (
     SurgeryError,
     UnmatchedKeyError,
 )
+from orbax_surgery.handler import PyTreeItemHandler, check_budget, checked_rules
 from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten, nest
 from orbax_surgery.lora.layout import LoraLayout, canonical, canonical_shapes
 from orbax_surgery.lora.merge import MergeAdapters
@@ -38,7 +39,7 @@ Mode = Literal['merge', 'attach', 'split', 'unmerge']
 _MODES = ('merge', 'attach', 'split', 'unmerge')
 
 
-class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
+class LoraCheckpointHandler(PyTreeItemHandler):
     """Saves adapters with their layout; restores them alone or onto a base.
 
     What it writes is an ordinary Orbax PyTree item (plus metadata), so plain
@@ -61,9 +62,6 @@ class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
         array([2., 2., 2., 2., 2., 2.], dtype=float32)
     """
 
-    def __init__(self, *, use_ocdbt: bool = True):
-        self._impl = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)
-
     @classmethod
     def typestr(cls) -> str:
         return 'orbax_surgery.LoraCheckpointHandler'
@@ -82,15 +80,6 @@ class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
             ),
         )
 
-    def save(self, directory: epath.Path, item: Any = None, args: LoraSave | None = None) -> None:
-        from orbax_surgery.materializer import run_sync
-
-        async def save_and_commit() -> None:
-            for commit in await self.async_save(directory, item, args=args) or []:
-                commit.result()
-
-        run_sync(save_and_commit())
-
     def restore(
         self, directory: epath.Path, item: Any = None, args: LoraRestore | None = None
     ) -> PyTree:
@@ -104,15 +93,6 @@ class LoraCheckpointHandler(ocp.AsyncCheckpointHandler):
         with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
             tree = materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
         return finish(tree)
-
-    def metadata(self, directory: epath.Path) -> Any:
-        return self._impl.metadata(directory)
-
-    def finalize(self, directory: epath.Path) -> None:
-        self._impl.finalize(directory)
-
-    def close(self) -> None:
-        self._impl.close()
 
 
 @ocp.args.register_with_handler(LoraCheckpointHandler, for_save=True)
@@ -196,11 +176,8 @@ class LoraRestore(ocp.args.CheckpointArgs):
             raise SurgeryError(f'LoraRestore mode {self.mode!r} is not one of {_MODES}.')
         if self.base is None and self.mode != 'merge':
             raise SurgeryError(f'LoraRestore(mode={self.mode!r}) needs base=<base checkpoint dir>.')
-        self.base_rules = normalize_rules(self.base_rules)
-        if self.max_inflight_bytes <= 0:
-            raise SurgeryError(
-                f'max_inflight_bytes must be positive, not {self.max_inflight_bytes}.'
-            )
+        self.base_rules = checked_rules(self.base_rules)
+        check_budget(self.max_inflight_bytes)
 
 
 def read_lora_layout(directory: epath.PathLike) -> LoraLayout:
