@@ -272,3 +272,14 @@ def test_save_with_a_spec_binds_it_to_a_joined_item(tmp_path):
         ckptr.save(tmp_path / 'a', args=LoraSave(item=joined, lora=SPEC))
     assert_tree_close(restore(tmp_path / 'a', LoraRestore()), TRAINABLE)
     assert osurg.read_lora_layout(tmp_path / 'a') == LORA
+
+
+def test_merge_adapters_is_a_rule_for_a_checkpoint_holding_both(tmp_path, mesh2x4):
+    from orbax_surgery.lora import MergeAdapters
+
+    joined = save(tmp_path / 'joined', jax.tree.map(np.asarray, LORA.join(BASE, TRAINABLE)))
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        out = ckptr.restore(
+            joined, args=osurg.SurgeryRestore(target=target(mesh2x4), rules=[MergeAdapters(LORA)])
+        )
+    assert_tree_close(out, MERGED)
