@@ -33,15 +33,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from incompressible import random_float32
+from measuring import PeakRss, summarize, tensorstore_bytes_read, worker_env
 
 METHODS = ('orbax_base', 'lora_merge', 'orbax_then_merge')
 MESH = (2, 4)
@@ -84,7 +86,7 @@ def main() -> None:
         return
 
     root = Path(args.dir) / f'L{args.layers}_d{args.d}_v{args.vocab}_r{args.rank}'
-    raw = sum(4 * _size(shape) for shape, _ in params.values())
+    raw = sum(4 * math.prod(shape) for shape, _ in params.values())
     results = {}
     try:
         if not all((root / item / '_METADATA').exists() for item in ('base', 'adapters')):
@@ -100,7 +102,7 @@ def main() -> None:
                 continue
             print(f'{method} x {args.runs} ...', flush=True)
             runs = [_run_worker(args, method, str(root)) for _ in range(args.runs)]
-            results[method] = _summary(runs)
+            results[method] = summarize(runs, bytes_field='restored_bytes')
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -154,22 +156,6 @@ def _params(layers: int, d: int, vocab: int) -> dict[str, tuple[tuple[int, ...],
     return params
 
 
-def _size(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _value(index: int, shape: tuple[int, ...]):
-    """Random float32 bits, finite (exponent's top bit clear): zstd cannot shrink them."""
-    import numpy as np
-
-    bits = np.random.default_rng([0, index]).integers(0, 2**32, shape, dtype=np.uint32)
-    bits &= np.uint32(~(1 << 30) & 0xFFFFFFFF)
-    return bits.view(np.float32)
-
-
 def _adapter_value(index: int, which: str, shape: tuple[int, ...]):
     """Seeded normals: A ~ N(0, 0.01²) as `lora.init` draws it, B ~ N(0, 1) (not zero)."""
     import numpy as np
@@ -185,41 +171,15 @@ def _spec(rank: int):
     return osurg.LoraSpec(targets=[ADAPTED], rank=rank, alpha=2 * rank)
 
 
-def _env(blas_threads: int | None = None) -> dict[str, str]:
-    env = {
-        **os.environ,
-        'PYTHONPATH': os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')]
-        ),
-    }
-    env.pop('XLA_FLAGS', None)
-    if blas_threads is not None:
-        for name in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
-            env[name] = str(blas_threads)
-    return env
-
-
 def _run_worker(args: argparse.Namespace, worker: str, directory: str) -> dict:
     cmd = [sys.executable, __file__, '--worker', worker, '--dir', directory]
     cmd += ['--layers', str(args.layers), '--d', str(args.d), '--vocab', str(args.vocab)]
     cmd += ['--rank', str(args.rank)]
-    env = _env(args.blas_threads)
+    env = worker_env(args.blas_threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     if out.returncode:
         sys.exit(f'{worker} failed:\n{(out.stdout + out.stderr)[-6000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _summary(runs: list[dict]) -> dict:
-    return {
-        'wall_s_median': round(statistics.median(r['wall_s'] for r in runs), 3),
-        'wall_s_best': min(r['wall_s'] for r in runs),
-        'cpu_s_median': round(statistics.median(r['cpu_s'] for r in runs), 3),
-        'peak_rss_over_baseline_max': max(r['peak_rss_over_baseline'] for r in runs),
-        'bytes_read_max': max(r['bytes_read'] for r in runs),
-        'restored_bytes': runs[0]['restored_bytes'],
-        'runs': runs,
-    }
 
 
 def _mesh():
@@ -263,7 +223,7 @@ def _save(directory: str, params: dict, rank: int) -> dict:
     target = _target(params)
     tree = {}
     for index, (key, (shape, _)) in enumerate(params.items()):
-        value = _value(index, shape)
+        value = random_float32(index, shape)
         tree[key] = jax.make_array_from_callback(
             shape, target[key].sharding, lambda i, v=value: v[i]
         )
@@ -288,57 +248,14 @@ def _save(directory: str, params: dict, rank: int) -> dict:
     return {'saved': len(params), 'adapters': len(lora.adapters)}
 
 
-class _PeakRss:
-    """Peak RSS from now on: VmHWM reset through clear_refs, else a sampling thread."""
-
-    def __init__(self):
-        self.baseline = _status('VmRSS')
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-            self.how = 'VmHWM after clear_refs'
-            self._thread = None
-        except OSError:
-            self.how = 'VmRSS sampled every 2 ms'
-            self._peak = self.baseline
-            self._done = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.002):
-            self._peak = max(self._peak, _status('VmRSS'))
-
-    def stop(self) -> int:
-        """Peak RSS over the baseline, in bytes."""
-        if self._thread is None:
-            return _status('VmHWM') - self.baseline
-        self._done.set()
-        self._thread.join()
-        return max(self._peak, _status('VmRSS')) - self.baseline
-
-
-def _status(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _restore(method: str, directory: str, params: dict, rank: int) -> dict:
     import jax
 
     jax.config.update('jax_num_cpu_devices', DEVICES)
     import orbax.checkpoint as ocp
-    import tensorstore as ts
 
     import orbax_surgery as osurg
     from orbax_surgery.keys import flatten, nest
-
-    def bytes_read() -> int:
-        metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-        return sum(v['value'] for m in metrics for v in m['values'])
 
     base_dir, adapter_dir = Path(directory) / 'base', Path(directory) / 'adapters'
     target = _target(params)
@@ -361,8 +278,8 @@ def _restore(method: str, directory: str, params: dict, rank: int) -> dict:
         merge = jax.jit(lora.merge, out_shardings=shardings)
     gc.collect()
     load = os.getloadavg()[0]
-    peak = _PeakRss()
-    before = bytes_read()
+    peak = PeakRss()
+    before = tensorstore_bytes_read()
     cpu = time.process_time()
     start = time.perf_counter()
     if method == 'lora_merge':
@@ -377,7 +294,7 @@ def _restore(method: str, directory: str, params: dict, rank: int) -> dict:
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu
     over = peak.stop()
-    read = bytes_read() - before
+    read = tensorstore_bytes_read() - before
 
     restored = flatten(out)[0]
     assert set(restored) == set(target), sorted(set(restored) ^ set(target))
@@ -393,7 +310,7 @@ def _restore(method: str, directory: str, params: dict, rank: int) -> dict:
         'rss_measured_as': peak.how,
         'load_average_1m': round(load, 2),
         'bytes_read': read,
-        'restored_bytes': sum(4 * _size(leaf.shape) for leaf in target.values()),
+        'restored_bytes': sum(4 * math.prod(leaf.shape) for leaf in target.values()),
         'shards_checked': checked,
         'planned': planned,
     }
@@ -409,7 +326,7 @@ def _check(method: str, restored: dict, params: dict, lora) -> int:
     keys = ['embed/embedding', 'layers_0/attn/query/kernel', f'layers_{last}/mlp/wo/kernel']
     checked = 0
     for key in keys:
-        w = _value(index[key], params[key][0])
+        w = random_float32(index[key], params[key][0])
         merged = method != 'orbax_base' and key in adapters
         if merged:
             i, adapter = adapters[key]

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from measuring import tensorstore_bytes_read
+
 ROWS = 4096
 METHODS = ('orbax_transforms', 'orbax_same_layout', 'surgery')
 
@@ -110,15 +112,10 @@ def _restore(method: str, directory: str, layers: int) -> dict:
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
-    import tensorstore as ts
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import orbax_surgery as osurg
-
-    def bytes_read() -> int:
-        metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-        return sum(v['value'] for m in metrics for v in m['values'])
 
     mesh = jax.make_mesh((8,), ('x',))
     saved_layout = NamedSharding(mesh, P('x'))
@@ -156,13 +153,13 @@ def _restore(method: str, directory: str, layers: int) -> dict:
             )
     manager = ocp.CheckpointManager(directory)
     baseline = _rss_now()
-    before = bytes_read()
+    before = tensorstore_bytes_read()
     start = time.perf_counter()
     out = manager.restore(1, args=args)
     jax.block_until_ready(out)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    read = bytes_read() - before
+    read = tensorstore_bytes_read() - before
     leaves = jax.tree.leaves(out)
     restored = sum(x.nbytes for x in leaves)
     assert all(x.shape == shape for x in leaves) and len(leaves) == layers

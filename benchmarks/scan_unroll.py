@@ -27,15 +27,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
+import math
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from incompressible import random_float32
+from measuring import PeakRss, summarize, tensorstore_bytes_read, worker_env
 
 METHODS = ('orbax_scanned', 'orbax_then_slice', 'surgery')
 SINGLE_CHUNK_METHODS = ('orbax_scanned', 'surgery')
@@ -87,7 +88,7 @@ def main() -> None:
         return
 
     root = Path(args.dir) / f'L{args.layers}_d{args.d}_v{args.vocab}'
-    raw = sum(4 * _size(shape) for shape, _ in params.values())
+    raw = sum(4 * math.prod(shape) for shape, _ in params.values())
     results, chunks, stored = {}, {}, {}
     try:
         for layout, methods in LAYOUTS.items():
@@ -105,7 +106,8 @@ def main() -> None:
                 print(f'{layout}: {method} x {args.runs} ...', flush=True)
                 pairs = [_run_pair(args, method, layout, str(ckpt)) for _ in range(args.runs)]
                 results[layout][method] = {
-                    str(pid): _summary([pair[pid] for pair in pairs]) for pid in range(PROCESSES)
+                    str(pid): summarize([pair[pid] for pair in pairs], bytes_field='shard_bytes')
+                    for pid in range(PROCESSES)
                 }
     finally:
         if not args.keep:
@@ -153,33 +155,6 @@ def _params(layers: int, d: int, vocab: int) -> dict[str, tuple[tuple[int, ...],
     return params
 
 
-def _size(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _value(index: int, shape: tuple[int, ...]):
-    """Random float32 bits, finite (exponent's top bit clear): zstd cannot shrink them."""
-    import numpy as np
-
-    bits = np.random.default_rng([0, index]).integers(0, 2**32, shape, dtype=np.uint32)
-    bits &= np.uint32(~(1 << 30) & 0xFFFFFFFF)
-    return bits.view(np.float32)
-
-
-def _env() -> dict[str, str]:
-    env = {
-        **os.environ,
-        'PYTHONPATH': os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')]
-        ),
-    }
-    env.pop('XLA_FLAGS', None)
-    return env
-
-
 def _common_args(args: argparse.Namespace) -> list[str]:
     common = ['--layers', str(args.layers), '--d', str(args.d), '--vocab', str(args.vocab)]
     if args.max_inflight_mib is not None:
@@ -190,7 +165,11 @@ def _common_args(args: argparse.Namespace) -> list[str]:
 def _run_save(args: argparse.Namespace, layout: str, directory: str) -> None:
     cmd = [sys.executable, __file__, '--worker', 'save', '--layout', layout, '--dir', directory]
     out = subprocess.run(
-        [*cmd, *_common_args(args)], capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S
+        [*cmd, *_common_args(args)],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        timeout=TIMEOUT_S,
     )
     if out.returncode:
         sys.exit(f'saving {layout} failed:\n{(out.stdout + out.stderr)[-6000:]}')
@@ -209,7 +188,7 @@ def _run_pair(args: argparse.Namespace, method: str, layout: str, directory: str
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env=worker_env(),
         )
         for pid in range(PROCESSES)
     ]
@@ -224,17 +203,6 @@ def _run_pair(args: argparse.Namespace, method: str, layout: str, directory: str
         if p.returncode:
             sys.exit(f'{layout} {method}: process {pid} failed:\n{out[-6000:]}')
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
-
-
-def _summary(runs: list[dict]) -> dict:
-    return {
-        'wall_s_median': round(statistics.median(r['wall_s'] for r in runs), 3),
-        'wall_s_best': min(r['wall_s'] for r in runs),
-        'peak_rss_over_baseline_max': max(r['peak_rss_over_baseline'] for r in runs),
-        'bytes_read_max': max(r['bytes_read'] for r in runs),
-        'shard_bytes': runs[0]['shard_bytes'],
-        'runs': runs,
-    }
 
 
 def _chunk_shapes(item: Path) -> dict[str, list[int] | None]:
@@ -257,7 +225,7 @@ def _save(directory: str, layout: str, params: dict) -> dict:
     mesh = jax.make_mesh((PROCESSES * DEVICES,), ('x',))
     tree, save_args = {}, {}
     for index, (key, (shape, spec)) in enumerate(params.items()):
-        value = _value(index, shape)
+        value = random_float32(index, shape)
         if layout == 'single_chunk':
             # Written from one device, an array is one chunk (no chunk_byte_size).
             tree[key] = jax.device_put(value, jax.devices()[0])
@@ -273,44 +241,6 @@ def _save(directory: str, layout: str, params: dict) -> dict:
         manager.save(1, args=ocp.args.StandardSave(nest(tree), save_args=nest(save_args)))
         manager.wait_until_finished()
     return {'saved': len(tree)}
-
-
-class _PeakRss:
-    """Peak RSS from now on: VmHWM reset through clear_refs, else a sampling thread."""
-
-    def __init__(self):
-        self.baseline = _status('VmRSS')
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-            self.how = 'VmHWM after clear_refs'
-            self._thread = None
-        except OSError:
-            self.how = 'VmRSS sampled every 2 ms'
-            self._peak = self.baseline
-            self._done = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.002):
-            self._peak = max(self._peak, _status('VmRSS'))
-
-    def stop(self) -> int:
-        """Peak RSS over the baseline, in bytes."""
-        if self._thread is None:
-            return _status('VmHWM') - self.baseline
-        self._done.set()
-        self._thread.join()
-        return max(self._peak, _status('VmRSS')) - self.baseline
-
-
-def _status(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _restore(
@@ -330,17 +260,12 @@ def _restore(
 
     import numpy as np
     import orbax.checkpoint as ocp
-    import tensorstore as ts
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import orbax_surgery as osurg
     from orbax_surgery.keys import flatten, nest
-
-    def bytes_read() -> int:
-        metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-        return sum(v['value'] for m in metrics for v in m['values'])
 
     devices = sorted(jax.devices(), key=lambda dev: (dev.process_index, dev.id))
     mesh = Mesh(np.array(devices), ('x',))
@@ -381,8 +306,8 @@ def _restore(
     manager = ocp.CheckpointManager(directory)
     multihost_utils.sync_global_devices('restore')
     gc.collect()
-    peak = _PeakRss()
-    before = bytes_read()
+    peak = PeakRss()
+    before = tensorstore_bytes_read()
     start = time.perf_counter()
     out = manager.restore(1, args=args)
     if method == 'orbax_then_slice':
@@ -399,14 +324,14 @@ def _restore(
     jax.block_until_ready(out)
     wall = time.perf_counter() - start
     over = peak.stop()
-    read = bytes_read() - before
+    read = tensorstore_bytes_read() - before
 
     restored = flatten(out)[0]
     expected = unrolled if method != 'orbax_scanned' else scanned
     assert set(restored) == set(expected), sorted(set(restored) ^ set(expected))
     checked = 0
     for index, (key, (shape, _)) in enumerate(params.items()):
-        value = _value(index, shape).view(np.uint32)
+        value = random_float32(index, shape).view(np.uint32)
         names = [(key, ())]
         if key.startswith('layers/') and method != 'orbax_scanned':
             names = [(f'layers_{i}/{key.removeprefix("layers/")}', (i,)) for i in range(layers)]

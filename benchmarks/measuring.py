@@ -1,0 +1,95 @@
+"""Measuring restores in fresh worker processes: environment, peak RSS, bytes read, summaries."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+from pathlib import Path
+
+
+def worker_env(blas_threads: int | None = None) -> dict[str, str]:
+    """The environment of a worker: this repository importable, no XLA_FLAGS.
+
+    Args:
+        blas_threads: If set, the worker's OPENBLAS/OMP/MKL_NUM_THREADS.
+    """
+    env = {
+        **os.environ,
+        'PYTHONPATH': os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')]
+        ),
+    }
+    env.pop('XLA_FLAGS', None)
+    if blas_threads is not None:
+        for name in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+            env[name] = str(blas_threads)
+    return env
+
+
+class PeakRss:
+    """Peak RSS from now on: VmHWM reset through clear_refs, else a sampling thread."""
+
+    def __init__(self):
+        self.baseline = _status('VmRSS')
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            self.how = 'VmHWM after clear_refs'
+            self._thread = None
+        except OSError:
+            self.how = 'VmRSS sampled every 2 ms'
+            self._peak = self.baseline
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self._peak = max(self._peak, _status('VmRSS'))
+
+    def stop(self) -> int:
+        """Peak RSS over the baseline, in bytes."""
+        if self._thread is None:
+            return _status('VmHWM') - self.baseline
+        self._done.set()
+        self._thread.join()
+        return max(self._peak, _status('VmRSS')) - self.baseline
+
+
+def _status(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def tensorstore_bytes_read() -> int:
+    """Bytes TensorStore has read from local files in this process so far."""
+    import tensorstore as ts
+
+    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
+    return sum(v['value'] for m in metrics for v in m['values'])
+
+
+def summarize(runs: list[dict], *, bytes_field: str) -> dict:
+    """One method's runs: median and best wall time, worst peak RSS and bytes read.
+
+    Args:
+        runs: One worker's result per run, with `wall_s`, `peak_rss_over_baseline`,
+            `bytes_read` and, where the worker timed it, `cpu_s`.
+        bytes_field: The field holding the bytes a run restores, the same in every run;
+            copied from the first.
+    """
+    summary = {
+        'wall_s_median': round(statistics.median(r['wall_s'] for r in runs), 3),
+        'wall_s_best': min(r['wall_s'] for r in runs),
+    }
+    if 'cpu_s' in runs[0]:
+        summary['cpu_s_median'] = round(statistics.median(r['cpu_s'] for r in runs), 3)
+    summary['peak_rss_over_baseline_max'] = max(r['peak_rss_over_baseline'] for r in runs)
+    summary['bytes_read_max'] = max(r['bytes_read'] for r in runs)
+    summary[bytes_field] = runs[0][bytes_field]
+    summary['runs'] = runs
+    return summary
