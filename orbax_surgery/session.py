@@ -8,7 +8,8 @@ touched by several (a stacked array saved as one chunk and unrolled, tied
 weights, shards that straddle a chunk) is read whole once, kept, and freed when
 its last read is served. Whole-array functions (`Apply`) run once and are freed
 the same way. `Usage.order` puts blocks that share a chunk next to each other,
-so kept chunks live briefly.
+so kept chunks live briefly. A small array the host needs in several chunks (a
+LoRA adapter) is read as one box of those chunks, kept until its last read.
 """
 
 from __future__ import annotations
