@@ -230,3 +230,15 @@ def test_nnx_lora_with_a_base_module_names_adapters_beside_it():
     spec = LoraSpec(['base_module/kernel'], rank=2, naming=('{parent}/lora_a', '{parent}/lora_b'))
     adapter = spec.bind(nnx.state(lora)).adapters[0]
     assert (adapter.a_key, adapter.b_key) == ('lora_a', 'lora_b')
+
+
+def test_conv_kernels_take_a_window_wide_a_and_a_one_by_one_b():
+    """PEFT's conv LoRA: A spans the window and inputs, B is a 1x1 conv over the rank."""
+    params = {'conv': {'kernel': random_array((3, 3, 4, 8), seed=6)}}
+    layout = LoraSpec([LoraTarget('conv/kernel', in_axes=3)], rank=2).bind(params)
+    adapter = layout.adapters[0]
+    assert (adapter.a_shape, adapter.b_shape) == ((3, 3, 4, 2), (2, 8))
+    a, b = random_array(adapter.a_shape, seed=7), random_array(adapter.b_shape, seed=8)
+    merged = layout.merge(params, {'conv': {'kernel_lora_a': a, 'kernel_lora_b': b}})
+    want = params['conv']['kernel'] + np.einsum('hwir,ro->hwio', a, b)
+    np.testing.assert_allclose(merged['conv']['kernel'], want, rtol=1e-5, atol=1e-5)
