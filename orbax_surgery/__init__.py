@@ -18,6 +18,7 @@ from orbax_surgery.handler import (
     SurgeryRestore,
     SurgerySave,
     plan_restore,
+    restore,
 )
 from orbax_surgery.lora import (
     LoraCheckpointHandler,
@@ -32,6 +33,7 @@ from orbax_surgery.lora import (
 from orbax_surgery.materializer import apply_rules, materialize
 from orbax_surgery.orbax_transforms import OrbaxTransforms
 from orbax_surgery.plan import Plan, Step, resolve
+from orbax_surgery.pytorch import FromPyTorch, ModuleLists, ToPyTorch, from_pytorch, to_pytorch
 from orbax_surgery.rules import (
     Cast,
     Combine,
@@ -44,6 +46,7 @@ from orbax_surgery.rules import (
     Slice,
     Transpose,
 )
+from orbax_surgery.safetensors import SafetensorsCheckpoint
 from orbax_surgery.saving import layer_save_args
 from orbax_surgery.sources import OrbaxCheckpoint, TreeSource
 from orbax_surgery.stacking import Stack, Unstack
@@ -59,6 +62,7 @@ __all__ = [
     'Drop',
     'DtypeMismatchError',
     'Fallback',
+    'FromPyTorch',
     'LoraCheckpointHandler',
     'LoraLayout',
     'LoraMismatchError',
@@ -67,12 +71,14 @@ __all__ = [
     'LoraSpec',
     'LoraTarget',
     'MapValue',
+    'ModuleLists',
     'OrbaxCheckpoint',
     'OrbaxTransforms',
     'Plan',
     'Rename',
     'Reshape',
     'RuleError',
+    'SafetensorsCheckpoint',
     'ShapeMismatchError',
     'Slice',
     'SourceReadError',
@@ -82,6 +88,7 @@ __all__ = [
     'SurgeryError',
     'SurgeryRestore',
     'SurgerySave',
+    'ToPyTorch',
     'Transpose',
     'TreeSource',
     'UnfinalizedCheckpointError',
@@ -89,10 +96,13 @@ __all__ = [
     'UnmatchedKeyError',
     'UnusedKeyError',
     'apply_rules',
+    'from_pytorch',
     'layer_save_args',
     'materialize',
     'plan_lora_restore',
     'plan_restore',
     'read_lora_layout',
     'resolve',
+    'restore',
+    'to_pytorch',
 ]

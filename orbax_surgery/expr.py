@@ -101,6 +101,8 @@ class Source(Expr):
     dtype: np.dtype
     chunk_shape: Shape | None = None
     stored_kind: Kind = 'jax.Array'
+    byte_ranges: bool = False
+    """Stored uncompressed and byte-addressable (safetensors): a region costs its bytes."""
 
     @property
     def kind(self) -> Kind:

@@ -21,7 +21,7 @@ from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, 
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
 from orbax_surgery.saving import PlannedSave, plan_save, save_with_rules, with_layer_chunks
-from orbax_surgery.sources import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
+from orbax_surgery.sources import DEFAULT_CACHE_BYTES, ArraySource, OrbaxCheckpoint, open_source
 
 
 class PyTreeItemHandler(ocp.AsyncCheckpointHandler):
@@ -206,10 +206,45 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
         check_budget(self.max_inflight_bytes)
 
 
+def restore(
+    source: epath.PathLike | ArraySource,
+    target: PyTree = None,
+    rules: Sequence[Rule] | Mapping[str, Any] = (),
+    *,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+) -> PyTree:
+    """Restores `target` from any source, outside a `CheckpointManager`.
+
+    `source` is an Orbax checkpoint item directory, a Hugging Face safetensors
+    file or directory (sharded with its index), or a source object. Each host
+    reads only what its shards need.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import Rename, Transpose
+        >>> from orbax_surgery.safetensors import write_file
+        >>> path = tempfile.mkdtemp() + '/model.safetensors'
+        >>> write_file(path, {'proj.weight': np.arange(6, dtype=np.float32).reshape(2, 3)})
+        >>> restore(path, {'proj': {'kernel': ...}},
+        ...         [Rename('proj/weight', 'proj/kernel'), Transpose('proj/kernel', (1, 0))])
+        {'proj': {'kernel': Array([[0., 3.],
+               [1., 4.],
+               [2., 5.]], dtype=float32)}}
+    """
+    opened = open_source(source)
+    plan = resolve(opened.arrays, target, checked_rules(rules))
+    return materialize(plan, opened, max_inflight_bytes=max_inflight_bytes)
+
+
 def plan_restore(
-    directory: epath.PathLike, target: PyTree = None, rules: Sequence[Rule] | Mapping[str, Any] = ()
+    directory: epath.PathLike | ArraySource,
+    target: PyTree = None,
+    rules: Sequence[Rule] | Mapping[str, Any] = (),
 ) -> Plan:
-    """Plans restoring the checkpoint item at `directory`, reading no array data.
+    """Plans restoring the checkpoint at `directory`, reading no array data.
+
+    `directory` is an Orbax checkpoint item, or Hugging Face safetensors (a
+    file, or a directory with `model.safetensors` or its sharded index).
 
     Print the plan to see where each target leaf comes from, what is unused,
     which leaves are not lazy and how many bytes each process will read.
@@ -225,7 +260,7 @@ def plan_restore(
         >>> plan.errors, plan.steps[0].sources, plan.reads[0].needed
         ((), ('w',), 128)
     """
-    return resolve(OrbaxCheckpoint(directory).arrays, target, rules)
+    return resolve(open_source(directory).arrays, target, rules)
 
 
 def checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:

@@ -305,7 +305,10 @@ def _process_regions(leaf: TargetLeaf) -> dict[int, list[regions.Region]]:
 
 
 def _estimate(steps: Sequence[Step]) -> tuple[dict[int, Reads], dict[KeyPath, Reads]]:
-    """Chunk-aligned bytes read per process, each chunk counted once per process."""
+    """Chunk-aligned bytes read per process, each chunk counted once per process.
+
+    A byte-addressable source (safetensors) reads exactly the elements needed.
+    """
     needed: dict[int, set[tuple[KeyPath, regions.Region]]] = collections.defaultdict(set)
     chunks: dict[int, set[tuple[KeyPath, tuple[int, ...]]]] = collections.defaultdict(set)
     by_step: dict[KeyPath, Reads] = {}
@@ -321,9 +324,10 @@ def _estimate(steps: Sequence[Step]) -> tuple[dict[int, Reads], dict[KeyPath, Re
                 for src, sub in step.expr.requests(region):
                     sources[src.key] = src
                     needed[pid].add((src.key, sub))
-                    ids = {
-                        (src.key, c) for c in regions.chunk_cover(sub, src.chunk_shape or src.shape)
-                    }
+                    ids = set()
+                    if not src.byte_ranges:
+                        grid = src.chunk_shape or src.shape
+                        ids = {(src.key, c) for c in regions.chunk_cover(sub, grid)}
                     chunks[pid] |= ids
                     if pid == here:
                         step_needed.add((src.key, sub))
@@ -341,10 +345,11 @@ def _reads(
     by_source: dict[KeyPath, list[regions.Region]] = collections.defaultdict(list)
     for key, region in needed:
         by_source[key].append(region)
-    need = sum(
-        regions.union_size(rs) * sources[k].dtype.itemsize for k, rs in sorted(by_source.items())
-    )
-    chunked = 0
+    by_key = {
+        k: regions.union_size(rs) * sources[k].dtype.itemsize for k, rs in sorted(by_source.items())
+    }
+    need = sum(by_key.values())
+    chunked = sum(n for k, n in by_key.items() if sources[k].byte_ranges)
     for key, ids in chunks:
         src = sources[key]
         chunked += regions.chunk_nbytes(

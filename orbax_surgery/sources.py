@@ -279,3 +279,17 @@ def _raise_missing(path: epath.Path) -> None:
             )
         hint = did_you_mean(wanted, names)
     raise CheckpointNotFoundError(f'No checkpoint at {path}: it does not exist.{hint}')
+
+
+def open_source(path: epath.PathLike | ArraySource) -> ArraySource:
+    """The source at `path`: an Orbax PyTree item, or Hugging Face safetensors.
+
+    A source object passes through unchanged.
+    """
+    if not isinstance(path, str | epath.PathLike):
+        return path
+    from orbax_surgery.safetensors import SafetensorsCheckpoint, is_safetensors
+
+    if is_safetensors(path):
+        return SafetensorsCheckpoint(path)
+    return OrbaxCheckpoint(path)
