@@ -179,6 +179,8 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
         raise CheckpointNotFoundError(
             f'No safetensors checkpoint at {path}: it does not exist.{near}'
         )
+    if path.is_dir() and path.name.endswith('.safetensors'):
+        raise SourceReadError(f'{path} is a directory, not a safetensors file.')
     if path.is_dir():
         if (path / INDEX_FILE).exists():
             path = path / INDEX_FILE
