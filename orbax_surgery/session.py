@@ -43,6 +43,7 @@ class Usage:
     block_chunks: list[list[ChunkId]] = dataclasses.field(default_factory=list)
     reads: collections.Counter[KeyPath] = dataclasses.field(default_factory=collections.Counter)
     sources: dict[KeyPath, ex.Source] = dataclasses.field(default_factory=dict)
+    ranges: collections.Counter[ChunkId] = dataclasses.field(default_factory=collections.Counter)
 
     @classmethod
     def count(cls, blocks: Iterable[Block]) -> Usage:
@@ -58,6 +59,9 @@ class Usage:
         if isinstance(node, ex.Source):
             self.reads[node.key] += 1
             self.sources[node.key] = node
+            if node.byte_ranges:
+                self.ranges[node.key, range_id(region)] += 1
+                touched.append((node.key, range_id(region)))
             if node.chunk_shape is not None:
                 for c in regions.chunk_cover(region, node.chunk_shape):
                     self.chunks[node.key, c] += 1
@@ -74,7 +78,7 @@ class Usage:
         """Block indices, those sharing a chunk next to each other, others as given."""
 
         def key(i: int) -> tuple[int, ChunkId | tuple[()], int]:
-            shared = [c for c in self.block_chunks[i] if self.chunks[c] > 1]
+            shared = [c for c in self.block_chunks[i] if self.chunks[c] > 1 or self.ranges[c] > 1]
             return (0, min(shared), i) if shared else (1, (), i)
 
         return sorted(range(len(self.block_chunks)), key=key)
@@ -110,6 +114,8 @@ class Session:
         self._box_tasks: dict[KeyPath, asyncio.Task[np.ndarray]] = {}
         self._left = {c: n for c, n in usage.chunks.items() if n > 1 and c[0] not in self._boxes}
         self._shared_keys = {key for key, _ in self._left}
+        self._ranges_left = {r: n for r, n in usage.ranges.items() if n > 1}
+        self._ranges: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._kept: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._nbytes: dict[ChunkId, int] = {}
         self._applies = collections.Counter(usage.applies)
@@ -133,6 +139,8 @@ class Session:
     async def read(self, source: ex.Source, region: Region) -> np.ndarray:
         if source.key in self._boxes:
             return await self._from_box(source, region)
+        if source.byte_ranges and (source.key, range_id(region)) in self._ranges_left:
+            return await self._shared_range(source, region)
         grid = source.chunk_shape
         if grid is None or source.key not in self._shared_keys:
             return await self._source.read(source, region)
@@ -180,6 +188,22 @@ class Session:
             self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
         return await task
 
+    async def _shared_range(self, source: ex.Source, region: Region) -> np.ndarray:
+        """The same region of a byte-addressable source asked for again (tied weights)."""
+        at = (source.key, range_id(region))
+        task = self._ranges.get(at)
+        if task is None:
+            task = self._ranges[at] = asyncio.ensure_future(self._source.read(source, region))
+            self.kept_bytes += regions.size_of(region) * source.dtype.itemsize
+            self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
+        try:
+            return np.array(await task)
+        finally:
+            self._ranges_left[at] -= 1
+            if self._ranges_left[at] <= 0:
+                del self._ranges_left[at], self._ranges[at]
+                self.kept_bytes -= regions.size_of(region) * source.dtype.itemsize
+
     async def _from_box(self, source: ex.Source, region: Region) -> np.ndarray:
         """A read of a small source, served from its box, read once at first use."""
         box = self._boxes[source.key]
@@ -226,6 +250,11 @@ def _small_source_boxes(usage: Usage, small_source_bytes: int) -> dict[KeyPath, 
         last = _chunk_region([h - 1 for h in hi], source.shape, source.chunk_shape)
         out[key] = tuple(range(f.start, la.stop) for f, la in zip(first, last, strict=True))
     return out
+
+
+def range_id(region: Region) -> tuple[int, ...]:
+    """A region as a flat tuple of ints: hashable and ordered, unlike ranges."""
+    return tuple(x for r in region for x in (r.start, r.stop, r.step))
 
 
 def _chunk_region(chunk: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> Region:

@@ -219,3 +219,23 @@ def test_open_source_tells_orbax_from_safetensors(single, tmp_path):
 
     assert isinstance(open_source(single), SafetensorsCheckpoint)
     assert isinstance(open_source(save(tmp_path / 'o', {'w': np.ones(3)})), OrbaxCheckpoint)
+
+
+def test_tied_weights_read_once(tmp_path, mesh8):
+    path = tmp_path / 'tied.safetensors'
+    embedding = random_array((40, 16), seed=4)
+    write_file(path, {'embed.weight': embedding})
+    src = SafetensorsCheckpoint(path)
+    target = {
+        'embed': {'embedding': sds((40, 16), sharding=NamedSharding(mesh8, P('x')))},
+        'lm_head': {'kernel': sds((16, 40), sharding=NamedSharding(mesh8, P(None, 'x')))},
+    }
+    rules = [
+        osurg.Rename('embed/weight', 'embed/embedding'),
+        osurg.Copy('embed/embedding', 'lm_head/kernel'),
+        osurg.Transpose('lm_head/kernel', (1, 0)),
+    ]
+    out = osurg.restore(src, target, rules)
+    np.testing.assert_array_equal(out['lm_head']['kernel'], embedding.T)
+    np.testing.assert_array_equal(out['embed']['embedding'], embedding)
+    assert src.bytes_read == embedding.nbytes  # Each row block once, for both targets.
