@@ -88,6 +88,8 @@ class Plan:
         errors: Every problem found; empty when the restore can run.
         treedef: The target's tree structure.
         target_keys: Target keys in leaf order.
+        missing: Target keys nothing fills (Hugging Face's `missing_keys`);
+            `unused` are its `unexpected_keys`.
     """
 
     steps: tuple[Step, ...]
@@ -97,6 +99,7 @@ class Plan:
     errors: tuple[SurgeryError, ...] = ()
     treedef: Any = dataclasses.field(default=None, compare=False, repr=False)
     target_keys: tuple[KeyPath, ...] = ()
+    missing: tuple[KeyPath, ...] = ()
 
     def check(self) -> None:
         """Raises the first error (the others are attached as notes)."""
@@ -185,10 +188,12 @@ def resolve(
     if target is None:
         leaves, treedef = read_target(nest(dict.fromkeys(tree, ...)))
     steps = []
+    missing = []
     for key, leaf in leaves.items():
         entry = tree.get(key)
         if entry is None:
             errors.append(_missing(key, tree, sources))
+            missing.append(key)
             continue
         try:
             steps.append(Step(_resolve_leaf(leaf, entry.expr), entry.expr, entry.via))
@@ -206,6 +211,7 @@ def resolve(
         errors=tuple(errors),
         treedef=treedef,
         target_keys=tuple(leaves),
+        missing=tuple(missing),
     )
 
 

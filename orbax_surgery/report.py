@@ -59,6 +59,11 @@ def format_plan(plan: Plan) -> str:
         for step in plan.not_lazy:
             need = sum(plan.sources[k].nbytes for k in step.sources if k in plan.sources)
             lines.append(f'  {step.key}: {step.expr.describe()} reads {format_bytes(need)}')
+    if plan.missing:
+        lines += ['', f'Missing: target keys nothing fills ({len(plan.missing)}):']
+        lines += [f'  {k}' for k in plan.missing[:_MAX_LISTED]]
+        if len(plan.missing) > _MAX_LISTED:
+            lines.append(f'  ... and {len(plan.missing) - _MAX_LISTED} more (see plan.missing)')
     if plan.unused:
         lines += ['', f'Unused checkpoint keys ({len(plan.unused)}):']
         shown = [f'  {k}' + (f' (renamed {v})' if v != k else '') for k, v in plan.unused]
@@ -92,6 +97,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             }
             for s in plan.steps
         ],
+        'missing': list(plan.missing),
         'unused': [k for k, _ in plan.unused],
         'dropped': {k: repr(r) for k, r in plan.dropped},
         'errors': [f'{type(e).__name__}: {e}' for e in plan.errors],

@@ -167,3 +167,16 @@ def test_summary_is_json_ready():
 
 def test_format_bytes():
     assert [format_bytes(n) for n in (5, 2048, 5 * 2**20)] == ['5 B', '2.0 KiB', '5.0 MiB']
+
+
+def test_missing_and_unexpected_keys_are_listed_like_hugging_faces():
+    source = {
+        'a': jax.ShapeDtypeStruct((2,), np.float32),
+        'extra': jax.ShapeDtypeStruct((1,), np.float32),
+    }
+    plan = osurg.resolve(source, {'a': ..., 'b': ...})
+    assert plan.missing == ('b',)
+    assert [k for k, _ in plan.unused] == ['extra']
+    text = str(plan)
+    assert 'Missing: target keys nothing fills (1):\n  b' in text
+    assert 'Unused checkpoint keys (1):\n  extra' in text
