@@ -11,8 +11,12 @@ What Hugging Face's own PyTorch <-> Flax converter takes care of, as lazy rules:
     .../bias                          .../bias, or .../beta (old LayerNorm names)
     .../embedding                     .../weight (Embedding)
     batch_stats/.../mean, var         .../running_mean, running_var (num_batches_tracked dropped)
-    .../weight_g, weight_v            .../parametrizations/weight/original0, original1
+    .../weight_g, weight_v            .../weight_g, weight_v (old `weight_norm`), or
+                                      .../parametrizations/weight/original0, original1 (new)
     layers_0/...                      layers/0/... (`nn.ModuleList`), or a stacked `layers/...`
+
+A stacked (scanned) parameter is converted layer by layer: a stack of Linear
+weights `(L, out, in)` becomes kernels `(L, in, out)`, never a 3-d conv kernel.
 
 `from_pytorch(...)` gives the rules for an import, `to_pytorch(...)` for an
 export. The import is target-driven, as Hugging Face's is: a target key says
@@ -27,12 +31,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 from orbax_surgery import expr as ex
-from orbax_surgery.errors import ShapeMismatchError
+from orbax_surgery.errors import RuleError, ShapeMismatchError
 from orbax_surgery.keys import SEP, KeyPath, compile_pattern
 from orbax_surgery.rules import Drop, Entry, Rename, Rule, Target, Tree
 from orbax_surgery.stacking import Stack, Unstack
 
 Layers = Literal['unrolled', 'stacked']
+_OLD_WEIGHT_NORM = ('weight_g', 'weight_v')
 
 
 def _conv_to_flax(ndim: int) -> tuple[int, ...]:
@@ -50,20 +55,25 @@ class FromPyTorch:
     """Rule: each target key takes the PyTorch tensor Hugging Face's converter would give it.
 
     Target keys already in the tree are left alone, so earlier rules win.
+    Stacks made by `Stack` are converted layer by layer.
 
     Attributes:
         fan_in_fan_out: Regex of PyTorch weight keys stored `(in, out)` already
             (GPT-2's `Conv1D`): taken as kernels without a transpose.
+        collection: The Flax collection the tree's parameters are under (e.g.
+            'params', as `from_pytorch(add_prefix=...)` puts them): a target
+            `batch_stats/<module>/mean` then takes `<collection>/<module>/running_mean`.
     """
 
     fan_in_fan_out: str | None = None
+    collection: str | None = None
 
     def __post_init__(self):
         if self.fan_in_fan_out is not None:
             compile_pattern(self.fan_in_fan_out, repr(self))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
-        out = {k: e for k, e in tree.items() if not k.endswith('num_batches_tracked')}
+        out = {k: e for k, e in tree.items() if k.rpartition(SEP)[2] != 'num_batches_tracked'}
         for key in target:
             if key in out:
                 continue
@@ -81,36 +91,48 @@ class FromPyTorch:
             weight = at + 'weight'
             if weight not in tree:
                 return None
-            value = tree[weight].expr
-            if self.fan_in_fan_out and re.fullmatch(self.fan_in_fan_out, weight):
-                return weight, value
-            if len(value.shape) == 2:
-                return weight, ex.Transpose(value, (1, 0))
-            if len(value.shape) >= 3:
-                return weight, ex.Transpose(value, _conv_to_flax(len(value.shape)))
-            raise ShapeMismatchError(
-                f'{weight!r} has shape {value.shape}; a kernel needs >= 2 axes.'
-            )
+            return weight, self._kernel(weight, tree[weight].expr)
         names = {
             'scale': ('weight', 'gamma'),
+            'weight': ('gamma',),
             'embedding': ('weight',),
             'bias': ('beta',),
             'weight_g': ('parametrizations/weight/original0',),
             'weight_v': ('parametrizations/weight/original1',),
         }.get(name, ())
-        if module.startswith('batch_stats/') or module == 'batch_stats':
+        if module == 'batch_stats' or module.startswith('batch_stats' + SEP):
             stat = {'mean': 'running_mean', 'var': 'running_var'}.get(name)
-            inner = module.removeprefix('batch_stats').removeprefix(SEP)
+            inner = SEP.join(p for p in (self.collection, module[len('batch_stats') + 1 :]) if p)
             names, at = ((stat,) if stat else ()), (inner + SEP if inner else '')
         for candidate in names:
             if at + candidate in tree:
                 return at + candidate, tree[at + candidate].expr
         return None
 
+    def _kernel(self, weight: KeyPath, value: ex.Expr) -> ex.Expr:
+        """A PyTorch weight as a Flax kernel; a `Stack` of weights, layer by layer."""
+        if self.fan_in_fan_out and re.fullmatch(self.fan_in_fan_out, weight):
+            return value
+        if isinstance(value, ex.Stack):
+            return ex.Stack(tuple(self._kernel(weight, p) for p in value.parts), value.axis)
+        if len(value.shape) == 2:
+            return ex.Transpose(value, (1, 0))
+        if len(value.shape) >= 3:
+            return ex.Transpose(value, _conv_to_flax(len(value.shape)))
+        raise ShapeMismatchError(
+            f'{self!r}: {weight!r} has shape {value.shape}, but a kernel needs >= 2 axes '
+            '(Linear (out, in), Conv (out, in, *window)). Is the target key meant to be a '
+            '`scale` or `embedding`?'
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class ToPyTorch:
     """Rule: Flax names and layouts renamed to PyTorch's (the reverse of `FromPyTorch`).
+
+    `weight_g`/`weight_v` become the new `weight_norm` names
+    (`parametrizations/weight/original0`/`1`) unless the target uses the old
+    ones (as Hugging Face follows the PyTorch model's own names).
 
     Attributes:
         fan_in_fan_out: Regex of (PyTorch-named) weight keys to keep `(in, out)`.
@@ -118,17 +140,24 @@ class ToPyTorch:
 
     fan_in_fan_out: str | None = None
 
+    def __post_init__(self):
+        if self.fan_in_fan_out is not None:
+            compile_pattern(self.fan_in_fan_out, repr(self))
+
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        old_norms = any(k.rpartition(SEP)[2] in _OLD_WEIGHT_NORM for k in target)
         out: dict[KeyPath, Entry] = {}
         for key, entry in tree.items():
-            new, expr = self._renamed(key, entry.expr)
+            new, expr = self._renamed(key, entry.expr, old_norms)
             out[new] = entry if expr is entry.expr and new == key else entry.then(self, expr)
         return out
 
-    def _renamed(self, key: KeyPath, value: ex.Expr) -> tuple[KeyPath, ex.Expr]:
+    def _renamed(self, key: KeyPath, value: ex.Expr, old_norms: bool) -> tuple[KeyPath, ex.Expr]:
         module, _, name = key.rpartition(SEP)
         at = (module + SEP) if module else ''
-        if module.startswith('batch_stats'):
+        if old_norms and name in _OLD_WEIGHT_NORM:
+            return key, value
+        if module == 'batch_stats' or module.startswith('batch_stats' + SEP):
             inner = module.removeprefix('batch_stats').removeprefix(SEP)
             at = inner + SEP if inner else ''
             return at + {'mean': 'running_mean', 'var': 'running_var'}.get(name, name), value
@@ -188,17 +217,31 @@ def from_pytorch(
 ) -> list[Rule]:
     """Rules that import a Hugging Face PyTorch checkpoint into a Flax target.
 
+    The rules run in this order: `drop`, `drop_prefix`, `layers`,
+    `add_prefix`, then `FromPyTorch`, which names and lays out each tensor
+    the way the target asks for it.
+
     Args:
         drop_prefix: A leading key part to remove (a base model's prefix,
-            e.g. 'model' for Llama, 'transformer' for GPT-2).
-        add_prefix: A leading key part to add (e.g. 'params').
+            e.g. 'model' for Llama, 'transformer' for GPT-2). Keys without it
+            (a head's, e.g. `lm_head`) keep their names.
+        add_prefix: A leading key part to add (e.g. 'params'). Target batch
+            statistics (`batch_stats/...`) are taken from under it.
         layers: 'unrolled' turns `layers/0/...` into `layers_0/...`; 'stacked'
-            stacks the module list along a new leading axis (`nn.scan`);
-            None leaves module lists alone.
+            stacks the module list along a new leading axis (`nn.scan`),
+            converting each layer as it would an unrolled one; None leaves
+            module lists alone.
         stacked: With `layers='stacked'`, the pattern of list entries (`{i}`
             is the index; `\\1`, `\\2` the rest of the key).
-        fan_in_fan_out: Regex of weight keys stored `(in, out)` (GPT-2's Conv1D).
+        fan_in_fan_out: Regex of weight keys stored `(in, out)` (GPT-2's
+            Conv1D), matched after the prefix and layer rules.
         drop: Regexes of checkpoint keys to leave unread (buffers, tied copies).
+
+    Returns:
+        The rules, a list to extend or put after your own (earlier rules win).
+
+    Raises:
+        RuleError: `layers` is none of 'unrolled', 'stacked' or None.
 
     Example:
         >>> import numpy as np, orbax_surgery as osurg
@@ -209,6 +252,7 @@ def from_pytorch(
         >>> out['layers_0']['q_proj']['kernel'].shape
         (2, 4)
     """
+    _check_layers(layers)
     rules: list[Rule] = [Drop(p) for p in drop]
     if drop_prefix:
         rules.append(Rename(f'{re.escape(drop_prefix)}/(.*)', r'\1'))
@@ -216,9 +260,9 @@ def from_pytorch(
         rules.append(ModuleLists(to_flax=True))
     elif layers == 'stacked':
         rules.append(Stack(stacked, r'\1/\2'))
-    rules.append(FromPyTorch(fan_in_fan_out=fan_in_fan_out))
     if add_prefix:
         rules.append(Rename('(.*)', f'{add_prefix}/\\1'))
+    rules.append(FromPyTorch(fan_in_fan_out=fan_in_fan_out, collection=add_prefix))
     return rules
 
 
@@ -228,26 +272,49 @@ def to_pytorch(
     add_prefix: str | None = None,
     layers: Layers | None = 'unrolled',
     lists: str = 'layers|layer|h|blocks',
-    stacked: str = r'(.*?)/(.*)',
+    stacked: str | None = None,
     fan_in_fan_out: str | None = None,
     drop: Sequence[str] = (),
 ) -> list[Rule]:
     """Rules that export a Flax tree in Hugging Face PyTorch naming and layout.
 
     The reverse of `from_pytorch`: `drop_prefix` removes a Flax prefix (e.g.
-    'params'), `add_prefix` adds the base model's (e.g. 'model'), and
-    `layers='unrolled'` turns `layers_0` into `layers/0` for the lists named
-    by `lists`, and `layers='stacked'` unstacks `layers/...` into
-    `layers/0/...` (with `stacked` matching the stacked keys as `(list)/(rest)`).
+    'params'; `batch_stats/...` become `running_mean`/`running_var` beside
+    the weights), `layers='unrolled'` turns `layers_0` into `layers/0` for
+    the lists named by `lists`, `layers='stacked'` unstacks the lists named
+    by `lists` (`layers/...` into `layers/0/...`; `stacked` overrides which
+    keys, as `(list)/(rest)`), and `add_prefix` adds the base model's prefix
+    (e.g. 'model') to every key (rename a head such as `lm_head` back after).
+
+    Raises:
+        RuleError: `layers` is none of 'unrolled', 'stacked' or None.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> params = {'layers': {'q_proj': {'kernel': np.ones((3, 2, 4))}},
+        ...           'norm': {'scale': np.ones(2)}}
+        >>> out = osurg.apply_rules(params, None, to_pytorch(layers='stacked', add_prefix='model'))
+        >>> sorted(out['model']['layers']), out['model']['layers']['0']['q_proj']['weight'].shape
+        (['0', '1', '2'], (4, 2))
     """
+    _check_layers(layers)
     rules: list[Rule] = [Drop(p) for p in drop]
     if drop_prefix:
         rules.append(Rename(f'{re.escape(drop_prefix)}/(.*)', r'\1'))
     if layers == 'unrolled':
         rules.append(ModuleLists(to_flax=False, names=lists))
     elif layers == 'stacked':
-        rules.append(Unstack(stacked, r'\1/{i}/\2'))
+        pattern = stacked if stacked is not None else rf'((?:.*/)?(?:{lists}))/(.*)'
+        rules.append(Unstack(pattern, r'\1/{i}/\2'))
     rules.append(ToPyTorch(fan_in_fan_out=fan_in_fan_out))
     if add_prefix:
         rules.append(Rename('(.*)', f'{add_prefix}/\\1'))
     return rules
+
+
+def _check_layers(layers: object) -> None:
+    if layers not in ('unrolled', 'stacked', None):
+        raise RuleError(
+            f"layers={layers!r} is none of 'unrolled' (layers_0/...), 'stacked' "
+            '(one scanned layers/...) or None (module lists left as layers/0/...).'
+        )
