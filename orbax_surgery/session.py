@@ -44,6 +44,9 @@ class Usage:
     reads: collections.Counter[KeyPath] = dataclasses.field(default_factory=collections.Counter)
     sources: dict[KeyPath, ex.Source] = dataclasses.field(default_factory=dict)
     ranges: collections.Counter[ChunkId] = dataclasses.field(default_factory=collections.Counter)
+    range_regions: dict[KeyPath, dict[tuple[int, ...], Region]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(dict)
+    )
 
     @classmethod
     def count(cls, blocks: Iterable[Block]) -> Usage:
@@ -61,6 +64,7 @@ class Usage:
             self.sources[node.key] = node
             if node.byte_ranges:
                 self.ranges[node.key, range_id(region)] += 1
+                self.range_regions[node.key][range_id(region)] = region
                 touched.append((node.key, range_id(region)))
             if node.chunk_shape is not None:
                 for c in regions.chunk_cover(region, node.chunk_shape):
@@ -109,12 +113,14 @@ class Session:
         self, source: ArraySource, usage: Usage, *, small_source_bytes: int = SMALL_SOURCE_BYTES
     ):
         self._source = source
-        self._boxes = _small_source_boxes(usage, small_source_bytes)
+        self._boxes = _small_source_boxes(usage, small_source_bytes) | _overlap_boxes(usage)
         self._box_reads = {key: usage.reads[key] for key in self._boxes}
         self._box_tasks: dict[KeyPath, asyncio.Task[np.ndarray]] = {}
         self._left = {c: n for c, n in usage.chunks.items() if n > 1 and c[0] not in self._boxes}
         self._shared_keys = {key for key, _ in self._left}
-        self._ranges_left = {r: n for r, n in usage.ranges.items() if n > 1}
+        self._ranges_left = {
+            r: n for r, n in usage.ranges.items() if n > 1 and r[0] not in self._boxes
+        }
         self._ranges: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._kept: dict[ChunkId, asyncio.Task[np.ndarray]] = {}
         self._nbytes: dict[ChunkId, int] = {}
@@ -226,6 +232,30 @@ class Session:
             if self._box_reads[source.key] <= 0 and source.key in self._box_tasks:
                 del self._box_tasks[source.key]
                 self.kept_bytes -= regions.size_of(box) * source.dtype.itemsize
+
+
+def _overlap_boxes(usage: Usage) -> dict[KeyPath, Region]:
+    """Byte-addressable sources asked for overlapping, different regions: one box each.
+
+    A tied weight sharded one way for the embedding and another for the head.
+    Only where the regions tile their bounding box, so the box reads each
+    needed byte once and nothing more; it is kept until its last read.
+    """
+    out = {}
+    for key, by_id in usage.range_regions.items():
+        parts = [r for r in by_id.values() if regions.size_of(r)]
+        if len(parts) < 2:
+            continue
+        box = tuple(
+            range(min(p[a].start for p in parts), max(p[a][-1] for p in parts) + 1)
+            if all(p[a].step == 1 for p in parts)
+            else range(0)
+            for a in range(len(parts[0]))
+        )
+        union = regions.union_size(parts)
+        if union == regions.size_of(box) and union < sum(regions.size_of(p) for p in parts):
+            out[key] = box
+    return out
 
 
 def _small_source_boxes(usage: Usage, small_source_bytes: int) -> dict[KeyPath, Region]:

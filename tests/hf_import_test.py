@@ -232,12 +232,6 @@ def test_tied_llama_head_reads_the_embedding_once(tied_llama):
     assert source.bytes_read == plan.reads[0].needed == stored_bytes(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='package: overlapping but different regions of one safetensors tensor (a tied '
-    'weight sharded differently by its two targets) are each read; the Session only shares '
-    'identical regions',
-)
 def test_tied_weight_sharded_differently_is_read_once(tied_llama):
     path, config, _ = tied_llama
     mesh = auto_mesh()
