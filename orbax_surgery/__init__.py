@@ -3,6 +3,7 @@
 from orbax_surgery.errors import (
     AmbiguousRuleError,
     CheckpointNotFoundError,
+    DestinationExistsError,
     DtypeMismatchError,
     LoraMismatchError,
     RuleError,
@@ -13,6 +14,7 @@ from orbax_surgery.errors import (
     UnmatchedKeyError,
     UnusedKeyError,
 )
+from orbax_surgery.export import Exported, save_safetensors
 from orbax_surgery.handler import (
     SurgeryCheckpointHandler,
     SurgeryRestore,
@@ -59,8 +61,10 @@ __all__ = [
     'CheckpointNotFoundError',
     'Combine',
     'Copy',
+    'DestinationExistsError',
     'Drop',
     'DtypeMismatchError',
+    'Exported',
     'Fallback',
     'FromPyTorch',
     'LoraCheckpointHandler',
@@ -104,5 +108,6 @@ __all__ = [
     'read_lora_layout',
     'resolve',
     'restore',
+    'save_safetensors',
     'to_pytorch',
 ]

@@ -45,3 +45,7 @@ class UnfinalizedCheckpointError(CheckpointNotFoundError):
 
 class LoraMismatchError(SurgeryError):
     """Adapters disagree with their spec: another rank, alpha, target or shape."""
+
+
+class DestinationExistsError(SurgeryError, FileExistsError):
+    """An export's destination exists, and `overwrite=True` was not given."""

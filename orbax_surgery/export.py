@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from orbax_surgery import regions
-from orbax_surgery.errors import SourceReadError, SurgeryError
+from orbax_surgery.errors import DestinationExistsError, SourceReadError, SurgeryError
 from orbax_surgery.expr import Source
 from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, run_sync
@@ -50,10 +50,6 @@ DEFAULT_MAX_SHARD_SIZE = '5GB'
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _UNITS = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12, 'KIB': 2**10, 'MIB': 2**20}
 _UNITS |= {'GIB': 2**30, 'TIB': 2**40, 'B': 1}
-
-
-class DestinationExistsError(SurgeryError, FileExistsError):
-    """The export's destination exists, and `overwrite=True` was not given."""
 
 
 @dataclasses.dataclass(frozen=True)

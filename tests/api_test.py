@@ -10,8 +10,10 @@ def test_public_api_is_pinned():
         'CheckpointNotFoundError',
         'Combine',
         'Copy',
+        'DestinationExistsError',
         'Drop',
         'DtypeMismatchError',
+        'Exported',
         'Fallback',
         'FromPyTorch',
         'LoraCheckpointHandler',
@@ -55,6 +57,7 @@ def test_public_api_is_pinned():
         'read_lora_layout',
         'resolve',
         'restore',
+        'save_safetensors',
         'to_pytorch',
     }
 
