@@ -32,11 +32,12 @@ from orbax_surgery.lora.spec import LoraSpec
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize
 from orbax_surgery.plan import Plan, Rules, normalize_rules, resolve
 from orbax_surgery.rules import Entry, Rule, Target, Tree
-from orbax_surgery.sources import Namespaced, OrbaxCheckpoint
+from orbax_surgery.sources import ArraySource, Namespaced, OrbaxCheckpoint, open_source
 
 METADATA_KEY = 'orbax_surgery.lora'
 Mode = Literal['merge', 'attach', 'split', 'unmerge']
 _MODES = ('merge', 'attach', 'split', 'unmerge')
+Prepared = tuple[Plan, ArraySource, Callable[[PyTree], Any]]
 
 
 class LoraCheckpointHandler(PyTreeItemHandler):
@@ -87,12 +88,7 @@ class LoraCheckpointHandler(PyTreeItemHandler):
             return self._impl.restore(directory)
         if item is not None:
             raise SurgeryError('Pass LoraRestore as args=LoraRestore(...), not positionally.')
-        plan, source, finish = _prepare(directory, args)
-        # Each shard's update is a thin matmul (inner size = rank) on the reading thread;
-        # BLAS threads would only spin against TensorStore's decoders (measured: 1.4x slower).
-        with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
-            tree = materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
-        return finish(tree)
+        return restore_planned(_prepare(directory, args), args.max_inflight_bytes)
 
 
 @ocp.args.register_with_handler(LoraCheckpointHandler, for_save=True)
@@ -153,7 +149,8 @@ class LoraRestore(ocp.args.CheckpointArgs):
     Without `base`, the trainable tree alone, as saved.
 
     Attributes:
-        base: Directory of the base checkpoint item (an Orbax PyTree item).
+        base: The base checkpoint: an Orbax PyTree item directory, or Hugging
+            Face safetensors (with `base_rules=from_pytorch(...)`).
         target: The tree to build (abstract or concrete leaves, with shardings),
             without adapters for 'merge'. None takes keys from the checkpoints.
         mode: One of 'merge', 'attach', 'split', 'unmerge'.
@@ -204,31 +201,71 @@ def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
     return _prepare(directory, args)[0]
 
 
-def _prepare(directory: epath.PathLike, args: LoraRestore) -> tuple[Plan, Any, Any]:
+def _prepare(directory: epath.PathLike, args: LoraRestore) -> Prepared:
     """The plan of a `LoraRestore`, its source, and how to shape the result."""
     adapters = OrbaxCheckpoint(directory)  # Its metadata is read once, here.
     saved = _layout_of(adapters)
     where = f'the adapter checkpoint {directory}'
     if args.lora is not None:
         _given_layout(args.lora, args.target, saved).check_same(saved, where)
-    if args.base is None:
-        target = saved.abstract_trainable() if args.target is None else args.target
-        return resolve(adapters.arrays, target, [_TargetSpelling()]), adapters, _same
-    source = Namespaced({'base': OrbaxCheckpoint(args.base), 'adapters': adapters})
-    base_rules = normalize_rules(args.base_rules)
-    rules: list[Rule] = [_Within('base', base_rules), _Within('adapters', (), wins=True)]
+    base = None if args.base is None else open_source(args.base)
+    return plan_adapters(
+        adapters, saved, base=base, target=args.target, mode=args.mode, base_rules=args.base_rules
+    )
+
+
+def plan_adapters(
+    adapters: ArraySource,
+    layout: LoraLayout,
+    *,
+    base: ArraySource | None,
+    target: PyTree,
+    mode: Mode,
+    base_rules: Rules = (),
+    adapter_rules: Sequence[Rule] = (),
+) -> Prepared:
+    """Plans restoring `adapters` (laid out as `layout`) alone, or onto `base` in `mode`.
+
+    The one restore path of `LoraRestore` and of PEFT adapters: the base's keys
+    go through `base_rules`, the adapter source's through `adapter_rules` (none
+    when it holds the layout's keys already, as a `LoraSave` item does).
+
+    Returns:
+        The plan, the source it reads, and the function that shapes its result.
+    """
+    if base is None:
+        target = layout.abstract_trainable() if target is None else target
+        if not adapter_rules:
+            return resolve(adapters.arrays, target, [_TargetSpelling()]), adapters, _same
+        alone = Namespaced({'adapters': adapters})
+        within = _Within('adapters', adapter_rules)
+        return resolve(alone.arrays, target, [within, _TargetSpelling()]), alone, _same
+    source = Namespaced({'base': base, 'adapters': adapters})
+    rules: list[Rule] = [
+        _Within('base', normalize_rules(base_rules)),
+        _Within('adapters', adapter_rules, wins=True),
+    ]
     finish: Callable[[PyTree], Any] = _same
-    target = args.target
-    if args.mode in ('merge', 'unmerge'):
-        rules.append(MergeAdapters(saved, sign=1 if args.mode == 'merge' else -1))
+    if mode in ('merge', 'unmerge'):
+        rules.append(MergeAdapters(layout, sign=1 if mode == 'merge' else -1))
         if target is not None:
-            _reject_adapter_keys(target, saved)
+            _reject_adapter_keys(target, layout)
     else:
-        target = _with_adapters(target, saved)
-        if args.mode == 'split':
-            finish = saved.split
+        target = _with_adapters(target, layout)
+        if mode == 'split':
+            finish = layout.split
     plan = resolve(source.arrays, target, [*rules, _TargetSpelling()])
     return plan, source, finish
+
+
+def restore_planned(prepared: Prepared, max_inflight_bytes: int) -> PyTree:
+    """Runs what `plan_adapters` planned, and shapes the result."""
+    plan, source, finish = prepared
+    # Each shard's update is a thin matmul (inner size = rank) on the reading thread;
+    # BLAS threads would only spin against TensorStore's decoders (measured: 1.4x slower).
+    with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
+        tree = materialize(plan, source, max_inflight_bytes=max_inflight_bytes)
+    return finish(tree)
 
 
 def _same(tree: PyTree) -> PyTree:
