@@ -1,0 +1,784 @@
+"""PEFT LoRA adapters: read a PEFT adapter directory onto a model's keys, and write one.
+
+PEFT stores, for each adapted torch module `M`, `base_model.model.M.lora_A.weight`
+`(r, in)` and `.lora_B.weight` `(out, r)`: the module's weight `(out, in)` becomes
+`W + s * lora_B @ lora_A`, `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA), with
+`r` and `alpha` per module from `rank_pattern` and `alpha_pattern`. Embeddings
+hold `lora_embedding_A` `(r, vocab)` and `lora_embedding_B` `(dim, r)`; with
+`fan_in_fan_out` (GPT-2's Conv1D) the weight is stored `(in, out)`.
+
+Reading sends each module's two factors through the rules that map the base
+checkpoint onto the model (`from_pytorch(...)`, or none to keep Hugging Face
+names): whatever renames `M/weight` and transposes it into a kernel renames and
+transposes the factors too, and where the rank axis lands tells which factor
+is the layout's `A` (`in + (r,)`) and which its `B` (`(r,) + out`). The result
+is a `LoraLayout` on the model's keys, restored by the same lazy, per-shard
+path as `LoraRestore`. Writing runs the other way, through `to_pytorch(...)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from orbax_surgery import expr as ex
+from orbax_surgery.errors import (
+    CheckpointNotFoundError,
+    LoraMismatchError,
+    SourceReadError,
+    SurgeryError,
+    UnmatchedKeyError,
+)
+from orbax_surgery.handler import check_budget, checked_rules
+from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten, summarize
+from orbax_surgery.lora.checkpoint import (
+    _MODES,
+    Mode,
+    Prepared,
+    _trainable_of,
+    plan_adapters,
+    restore_planned,
+)
+from orbax_surgery.lora.layout import NAMINGS, Adapter, LoraLayout, Naming, adapter_keys, canonical
+from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES
+from orbax_surgery.plan import Plan, Rules, resolve
+from orbax_surgery.rules import Entry, Rule, Target, Tree
+from orbax_surgery.safetensors import SafetensorsCheckpoint, key_to_name, write_file
+from orbax_surgery.sources import ArraySource, open_source
+from orbax_surgery.target import TargetLeaf, read_target
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+_PREFIX = 'base_model/model/'
+_FACTORS = {  # key suffix -> (module kind, factor)
+    'lora_A/weight': ('linear', 'A'),
+    'lora_B/weight': ('linear', 'B'),
+    'lora_embedding_A': ('embedding', 'A'),
+    'lora_embedding_B': ('embedding', 'B'),
+}
+_MERGE_IT_IN_PEFT = (
+    'Merge it with PEFT (`PeftModel.from_pretrained(...).merge_and_unload()`, then '
+    '`save_pretrained`) and restore the merged model instead.'
+)
+_UNSUPPORTED = {  # config field -> what it is
+    'use_dora': 'DoRA rescales every output column by lora_magnitude_vector, which is not '
+    'a low-rank update',
+    'lora_bias': 'lora_B carries a bias, which a low-rank update does not hold',
+    'use_qalora': 'QALoRA pools the inputs of lora_A',
+    'alora_invocation_tokens': 'activated LoRA applies the adapter only after its '
+    'invocation tokens, which merged weights cannot do',
+    'target_parameters': 'adapters on bare nn.Parameters (e.g. MoE experts) are not modules '
+    'with a weight',
+    'layer_replication': 'layer replication changes the base model',
+    'trainable_token_indices': 'trainable tokens are not LoRA factors',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """One adapted torch module: its factors' keys in the adapter file, rank and alpha."""
+
+    name: KeyPath  # The module path, '/'-joined, without 'base_model/model/'.
+    kind: str  # 'linear', 'conv1d' (fan_in_fan_out, weight stored (in, out)) or 'embedding'.
+    a: KeyPath
+    b: KeyPath
+    rank: int
+    alpha: float
+
+    @property
+    def weight(self) -> KeyPath:
+        return f'{self.name}/weight'
+
+    def factors(self, lookup: Callable[[KeyPath], ex.Expr]) -> tuple[ex.Expr, ex.Expr]:
+        """`(L, R)`: the stored weight's update is `scale * L @ R`."""
+        a, b = lookup(self.a), lookup(self.b)
+        if self.kind == 'linear':
+            return b, a
+        return ex.Transpose(a, (1, 0)), ex.Transpose(b, (1, 0))
+
+
+class PeftAdapter:
+    """A PEFT LoRA adapter directory, mapped onto a model's keys (read lazily).
+
+    Made by `read_peft_adapter`; restore it with `restore()`, or plan that
+    with `plan()`.
+
+    Attributes:
+        directory: The adapter directory.
+        config: Its `adapter_config.json`.
+        layout: The adapters on the model's keys (rank, alpha and rsLoRA per
+            weight; A as `in + (r,)`, B as `(r,) + out`), and in `trained`
+            the tensors PEFT saved whole (`modules_to_save`).
+        modules: For each adapted weight key, the PEFT module(s) adapting it.
+    """
+
+    def __init__(
+        self,
+        directory: epath.Path,
+        config: Mapping[str, Any],
+        source: SafetensorsCheckpoint,
+        modules: Sequence[_Module],
+        whole: Mapping[KeyPath, KeyPath],
+        base: ArraySource | None,
+        target: PyTree,
+        base_rules: Sequence[Rule],
+        templates: tuple[str, str],
+    ):
+        self.directory = directory
+        self.config = dict(config)
+        self._source = source
+        self._modules = tuple(modules)
+        self._whole = dict(whole)  # Hugging Face key -> adapter file key, saved whole.
+        self._base = base
+        self._target = target
+        self._leaves: dict[KeyPath, TargetLeaf] = {} if target is None else read_target(target)[0]
+        self._rules = tuple(base_rules)
+        self._templates = templates
+        self._base_tree = self._base_entries()
+        mapped = self._mapped(self._source.arrays.__getitem__)
+        self.layout: LoraLayout = mapped.layout
+        self.modules: dict[KeyPath, tuple[str, ...]] = mapped.modules
+
+    def __repr__(self):
+        return f'PeftAdapter({str(self.directory)!r}, {len(self.layout.adapters)} adapters)'
+
+    def __str__(self):
+        return f'PEFT adapter {self.directory}\n{self.layout}'
+
+    def plan(self, *, mode: Mode = 'merge') -> Plan:
+        """The plan of `restore(mode=...)`, reading no array data."""
+        return self._prepare(mode)[0]
+
+    def restore(
+        self, *, mode: Mode = 'merge', max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    ) -> PyTree:
+        """Restores the adapter, alone or onto the base, per target shard.
+
+        Modes (with a base), as `LoraRestore`'s: 'merge' gives the target with
+        each adapted weight `W + scale * A @ B`; 'attach' the base with the
+        adapters beside their weights; 'split' `(frozen, trainable)`;
+        'unmerge' takes a merged base back. Without a base: the trainable
+        tree (adapters and whole tensors) on the model's keys.
+        """
+        check_budget(max_inflight_bytes)
+        return restore_planned(self._prepare(mode), max_inflight_bytes)
+
+    def _prepare(self, mode: Mode) -> Prepared:
+        if mode not in _MODES:
+            raise SurgeryError(f'PeftAdapter.restore: mode {mode!r} is not one of {_MODES}.')
+        if self._base is None and mode != 'merge':
+            raise SurgeryError(
+                f'PeftAdapter.restore(mode={mode!r}) needs a base: pass base=<the base '
+                'checkpoint> to read_peft_adapter.'
+            )
+        target = self._target
+        if self._base is None:
+            target = self.layout.abstract_trainable(self._target)
+        return plan_adapters(
+            self._source,
+            self.layout,
+            base=self._base,
+            target=target,
+            mode=mode,
+            base_rules=self._rules,
+            adapter_rules=[_PeftTensors(self, with_base=self._base is not None)],
+        )
+
+    def _base_entries(self) -> dict[KeyPath, Entry]:
+        """The base's keys for the rules to see: the base's own, or stand-ins."""
+        stand_ins: dict[KeyPath, ex.Expr] = {}
+        for m in self._modules:
+            left, right = m.factors(self._source.arrays.__getitem__)
+            shape = (left.shape[0], right.shape[1])
+            if self._base is None:
+                stand_ins[m.weight] = ex.Source(m.weight, shape, left.dtype)
+                continue
+            found = self._base.arrays.get(m.weight)
+            if found is None:
+                raise UnmatchedKeyError(
+                    f'PEFT module {key_to_name(m.name)!r} has an adapter, but the base has no '
+                    f'{m.weight!r} for it to adapt.{did_you_mean(m.weight, self._base.arrays)} '
+                    'Is this the base the adapter was made for?'
+                )
+            if found.shape != shape:
+                raise LoraMismatchError(
+                    f'PEFT module {key_to_name(m.name)!r}: its adapter ({m.a} {left.shape[::-1]}'
+                    f', {m.b}) fits a weight of shape {shape}, but the base has {m.weight!r} '
+                    f'of shape {found.shape}. Is this the base the adapter was made for?'
+                )
+        if self._base is not None:
+            return {k: Entry(s) for k, s in self._base.arrays.items()}
+        return {k: Entry(e) for k, e in stand_ins.items()}
+
+    def _through_rules(self, lookup: Callable[[KeyPath], ex.Expr], side: int | None) -> Tree:
+        """The base's keys after the rules, with factor `side` (or none) in place of weights."""
+        tree = dict(self._base_tree)
+        for key, stored in self._whole.items():
+            tree[key] = Entry(lookup(stored))
+        if side is not None:
+            for m in self._modules:
+                tree[m.weight] = Entry(m.factors(lookup)[side])
+        for rule in self._rules:
+            try:
+                tree = rule.apply(tree, self._leaves)
+            except SurgeryError as e:
+                e.add_note(
+                    f'while mapping the PEFT adapter {self.directory} through the base rules '
+                    "(they see the base's keys, LoRA factors in place of adapted weights)"
+                )
+                raise
+        return tree
+
+    def _mapped(self, lookup: Callable[[KeyPath], ex.Expr]) -> _Mapped:
+        """The adapter's tensors as the layout's keys, each an expression over `lookup`."""
+        owner: dict[KeyPath, _Module] = {}
+        for m in self._modules:
+            owner.update(dict.fromkeys(_keys(lookup(m.a)) | _keys(lookup(m.b)), m))
+        whole = {k for stored in self._whole.values() for k in _keys(lookup(stored))}
+        left = _claimed(self._through_rules(lookup, 0), owner.keys())
+        right = _claimed(self._through_rules(lookup, 1), owner.keys())
+        adapters, exprs, modules = [], {}, {}
+        for key, expr in left.items():
+            adapter, a, b = self._adapter(key, expr, right.get(key), owner)
+            adapters.append(adapter)
+            exprs[adapter.a_key], exprs[adapter.b_key] = a, b
+            modules[key] = tuple(sorted({key_to_name(owner[s].name) for s in _keys(expr)}))
+        _check_all_placed(self._modules, modules, self.directory)
+        replaced, trained = {}, {}
+        if self._whole:
+            for key, expr in _claimed(self._through_rules(lookup, None), whole).items():
+                if key in modules:
+                    replaced[key] = expr  # The weight PEFT saved beside its adapter.
+                else:
+                    trained[key] = expr
+        layout = LoraLayout(
+            adapters=tuple(sorted(adapters, key=lambda a: a.key)),
+            trained={k: (e.shape, e.dtype) for k, e in sorted(trained.items())},
+            templates=self._templates,
+        )
+        return _Mapped(layout, {**exprs, **trained}, replaced, modules)
+
+    def _adapter(
+        self,
+        key: KeyPath,
+        left: ex.Expr,
+        right: ex.Expr | None,
+        owner: Mapping[KeyPath, _Module],
+    ) -> tuple[Adapter, ex.Expr, ex.Expr]:
+        mods = {owner[s] for s in _keys(left)}
+        names = summarize([key_to_name(m.name) for m in mods])
+        ranks = {(m.rank, m.alpha) for m in mods}
+        if len(ranks) > 1:
+            raise LoraMismatchError(
+                f'The base rules stack PEFT modules {names} into {key!r}, but their ranks and '
+                f'alphas differ ({sorted(ranks)}); one stacked weight takes one rank and alpha.'
+            )
+        ((rank, alpha),) = ranks
+        nb = len(left.shape) - 2
+        as_is = swapped = False
+        if (
+            right is not None
+            and {owner[s] for s in _keys(right)} == mods
+            and len(right.shape) == len(left.shape)
+            and nb >= 0
+            and left.shape[:nb] == right.shape[:nb]
+        ):
+            as_is = left.shape[-1] == rank and right.shape[nb] == rank
+            swapped = right.shape[-1] == rank and left.shape[nb] == rank
+        if as_is == swapped or right is None:
+            why = 'it is square with the rank as both sides' if as_is else 'the shapes do not fit'
+            got = f'{right.describe()} {right.shape}' if right is not None else 'nothing'
+            raise LoraMismatchError(
+                f'The base rules make {key!r} from PEFT module(s) {names} in a way a low-rank '
+                f'update cannot follow ({why}): the factors become {left.describe()} '
+                f'{left.shape} and {got}. Rules that rename, transpose, cast or stack weights '
+                'carry adapters; reshapes and concatenations do not.'
+            )
+        a, b = (left, right) if as_is else (right, left)
+        shape = a.shape[:-1] + b.shape[nb + 1 :]
+        leaf = self._leaves.get(key)
+        if leaf is not None and leaf.shape is not None and leaf.shape != shape:
+            raise LoraMismatchError(
+                f'The adapter of PEFT module(s) {names} fits a weight of shape {shape} at '
+                f'{key!r}, but the target has shape {leaf.shape} there.'
+            )
+        a_key, b_key = adapter_keys(key, self._templates)
+        adapter = Adapter(
+            key=key,
+            a_key=a_key,
+            b_key=b_key,
+            shape=shape,
+            rank=rank,
+            alpha=alpha,
+            rslora=bool(self.config.get('use_rslora', False)),
+            batch_axes=nb,
+            in_axes=1,
+            dtype=np.dtype(a.dtype).name,
+        )
+        return adapter, a, b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapped:
+    layout: LoraLayout
+    exprs: dict[KeyPath, ex.Expr]  # Trainable key -> expression.
+    replaced: dict[KeyPath, ex.Expr]  # Adapted weight key -> the weight the adapter file holds.
+    modules: dict[KeyPath, tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PeftTensors:
+    """Rule: a PEFT adapter file's tensors become the layout's keys (A, B, whole tensors)."""
+
+    adapter: PeftAdapter
+    with_base: bool
+
+    def __repr__(self):
+        return f'PEFT adapter {self.adapter.directory}'
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        mapped = self.adapter._mapped(lambda key: tree[key].expr)
+        out = {k: Entry(e, (self,)) for k, e in mapped.exprs.items()}
+        if self.with_base:  # Else the weights PEFT saved beside embeddings stay unread.
+            out.update({k: Entry(e, (self,)) for k, e in mapped.replaced.items()})
+        return out
+
+
+def read_peft_adapter(
+    directory: epath.PathLike,
+    *,
+    base: epath.PathLike | ArraySource | None = None,
+    target: PyTree = None,
+    base_rules: Rules = (),
+    naming: Naming = 'sibling',
+) -> PeftAdapter:
+    """Reads a PEFT LoRA adapter's config and tensor headers onto a model's keys.
+
+    The adapter's modules follow the base's weights through `base_rules`: with
+    `from_pytorch(...)` and a Flax `target`, the adapter of torch module
+    `model.layers.0.self_attn.q_proj` lands on `layers_0/self_attn/q_proj/kernel`
+    with `A = lora_A.weight.T` `(in, r)` and `B = lora_B.weight.T` `(r, out)`;
+    with no rules it stays on `model/layers/0/self_attn/q_proj/weight` `(out, in)`
+    with `A = lora_B.weight` and `B = lora_A.weight`. Ranks come from the
+    tensors and are checked against `r`/`rank_pattern`; alphas come from
+    `lora_alpha`/`alpha_pattern`, and `use_rslora` sets the scale. Tensors PEFT
+    saved whole (`modules_to_save`) are `layout.trained`.
+
+    Args:
+        directory: Holds `adapter_config.json` and `adapter_model.safetensors`.
+        base: The base checkpoint (Hugging Face safetensors or an Orbax item).
+            Only headers are read here; `restore()` merges onto it. Without
+            it the rules see only stand-ins for the adapted weights.
+        target: The model's tree (abstract leaves, with shardings), as for
+            restoring the base; None keeps the keys the rules give.
+        base_rules: Rules from the base's keys to the target's.
+        naming: Where adapters live beside their weight, as in `LoraSpec`.
+
+    Raises:
+        CheckpointNotFoundError: a file is missing.
+        LoraMismatchError: the config disagrees with the tensors, the tensors
+            with the base, or the rules cannot carry an adapter.
+        SurgeryError: a PEFT feature that is not a low-rank update (DoRA, ...).
+
+    Example:
+        >>> import json, tempfile, numpy as np
+        >>> from orbax_surgery import from_pytorch
+        >>> from orbax_surgery.safetensors import write_file
+        >>> root = epath.Path(tempfile.mkdtemp())
+        >>> write_file(root / 'model.safetensors', {'proj.weight': np.zeros((3, 4), np.float32)})
+        >>> (root / 'lora').mkdir()
+        >>> write_file(root / 'lora' / WEIGHTS_FILE, {
+        ...     'base_model.model.proj.lora_A.weight': np.ones((1, 4), np.float32),
+        ...     'base_model.model.proj.lora_B.weight': np.ones((3, 1), np.float32)})
+        >>> _ = (root / 'lora' / CONFIG_FILE).write_text(json.dumps({'r': 1, 'lora_alpha': 2}))
+        >>> adapter = read_peft_adapter(root / 'lora', base=root,
+        ...                             target={'proj': {'kernel': ...}}, base_rules=from_pytorch())
+        >>> print(adapter.layout)
+        LoRA layout: 1 adapters, 0 trained in full
+          proj/kernel (4, 3): rank 1, scale 2, A (4, 1), B (1, 3)
+        >>> adapter.restore()['proj']['kernel'][0]  # 0 + 2 * 1 * 1
+        Array([2., 2., 2.], dtype=float32)
+    """
+    if isinstance(naming, str) and naming not in NAMINGS:
+        raise SurgeryError(f'naming {naming!r} is not one of {sorted(NAMINGS)} or two templates.')
+    directory = epath.Path(directory)
+    config = _read_config(directory)
+    source = SafetensorsCheckpoint(_weights_file(directory))
+    modules, whole = _parse(source, config, directory)
+    templates = NAMINGS[naming] if isinstance(naming, str) else (naming[0], naming[1])
+    return PeftAdapter(
+        directory,
+        config,
+        source,
+        modules,
+        whole,
+        None if base is None else open_source(base),
+        target,
+        checked_rules(base_rules),
+        templates,
+    )
+
+
+def _read_config(directory: epath.Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.exists():
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f'No PEFT adapter at {directory}: it does not exist.')
+        named = sorted(p.name for p in directory.iterdir() if (p / CONFIG_FILE).exists())
+        hint = (
+            f' It has adapters in sub-directories {named}: pass one, e.g. '
+            f'{str(directory / named[0])!r}.'
+            if named
+            else ' Is it a PEFT adapter saved with save_pretrained?'
+        )
+        raise CheckpointNotFoundError(f'{directory} holds no {CONFIG_FILE}.{hint}')
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise SourceReadError(f'{path} is not JSON: {e}') from e
+    if not isinstance(config, dict):
+        raise SourceReadError(f'{path} holds a {type(config).__name__}, not a JSON object.')
+    kind = config.get('peft_type', 'LORA')
+    if str(kind).upper() != 'LORA':
+        raise SurgeryError(f'{path} is a {kind} adapter; only LoRA adapters (LORA) are read.')
+    for field, why in _UNSUPPORTED.items():
+        if config.get(field):
+            raise SurgeryError(f'{path} sets {field}={config[field]!r}: {why}. {_MERGE_IT_IN_PEFT}')
+    return config
+
+
+def _weights_file(directory: epath.Path) -> epath.Path:
+    path = directory / WEIGHTS_FILE
+    if path.exists():
+        return path
+    if (directory / 'adapter_model.bin').exists():
+        raise CheckpointNotFoundError(
+            f'{directory} holds adapter_model.bin (a pickle) but no {WEIGHTS_FILE}. Convert it: '
+            '`safetensors.torch.save_file(torch.load(bin, weights_only=True), '
+            f"'{WEIGHTS_FILE}', metadata={{'format': 'pt'}})`."
+        )
+    raise CheckpointNotFoundError(f'{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}.')
+
+
+def _parse(
+    source: SafetensorsCheckpoint, config: Mapping[str, Any], directory: epath.Path
+) -> tuple[list[_Module], dict[KeyPath, KeyPath]]:
+    """The adapted modules and the tensors saved whole, from the tensor names."""
+    factors: dict[KeyPath, dict[str, KeyPath]] = collections.defaultdict(dict)
+    kinds: dict[KeyPath, str] = {}
+    whole: dict[KeyPath, KeyPath] = {}
+    where = directory / WEIGHTS_FILE
+    for key in source.arrays:
+        name = key.removeprefix(_PREFIX)
+        suffix = next((s for s in _FACTORS if name.endswith('/' + s)), None)
+        if suffix is not None:
+            module = name[: -len(suffix) - 1]
+            kinds[module], part = _FACTORS[suffix]
+            factors[module][part] = key
+        elif name.endswith('lora_magnitude_vector') or name.endswith('lora_B/bias'):
+            field = 'use_dora' if 'magnitude' in name else 'lora_bias'
+            raise SurgeryError(f'{where} holds {key!r}: {_UNSUPPORTED[field]}. {_MERGE_IT_IN_PEFT}')
+        elif any(p.startswith(('lora_', 'trainable_tokens')) for p in name.split('/')):
+            raise SurgeryError(
+                f'{where} holds {key!r}, which is not a LoRA factor this reader knows '
+                f'(the suffixes are {list(_FACTORS)}). {_MERGE_IT_IN_PEFT}'
+            )
+        else:
+            whole[name.replace('/base_layer/', '/')] = key
+    modules = []
+    for module, parts in sorted(factors.items()):
+        modules.append(_module(module, kinds[module], parts, source, config, where))
+    if not modules:
+        raise UnmatchedKeyError(
+            f'{where} holds no LoRA factors (lora_A/lora_B) among its {len(source.arrays)} '
+            f'tensors ({summarize(source.arrays)}).'
+        )
+    return modules, whole
+
+
+def _module(
+    name: KeyPath,
+    kind: str,
+    parts: Mapping[str, KeyPath],
+    source: SafetensorsCheckpoint,
+    config: Mapping[str, Any],
+    where: epath.Path,
+) -> _Module:
+    if len(parts) < 2:
+        (have,) = parts.values()
+        other = 'B' if 'A' in parts else 'A'
+        raise LoraMismatchError(
+            f'{where} holds {have!r} but not lora_{other}, the other factor of PEFT module '
+            f'{key_to_name(name)!r}: the file is incomplete.'
+        )
+    a, b = source.arrays[parts['A']], source.arrays[parts['B']]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise SurgeryError(
+            f'PEFT module {key_to_name(name)!r} has factors of shapes {a.shape} and {b.shape}: '
+            'convolution adapters are not read yet. ' + _MERGE_IT_IN_PEFT
+        )
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise LoraMismatchError(
+            f'PEFT module {key_to_name(name)!r}: {a.key!r} {a.shape} has rank {rank} but '
+            f'{b.key!r} {b.shape} has rank {b.shape[1]}.'
+        )
+    dotted = key_to_name(name)
+    want, why = _pattern_value(config, 'rank_pattern', 'r', 8, dotted)
+    if want != rank:
+        raise LoraMismatchError(
+            f'{CONFIG_FILE} gives PEFT module {dotted!r} rank {want} ({why}), but its tensors '
+            f'have rank {rank} ({a.key!r} {a.shape}, {b.key!r} {b.shape}): the config does not '
+            'belong to these weights.'
+        )
+    alpha, _ = _pattern_value(config, 'alpha_pattern', 'lora_alpha', 8, dotted)
+    if kind == 'linear' and config.get('fan_in_fan_out'):
+        kind = 'conv1d'
+    return _Module(name, kind, a.key, b.key, rank, float(alpha))
+
+
+def _pattern_value(
+    config: Mapping[str, Any], patterns: str, field: str, default: float, module: str
+) -> tuple[Any, str]:
+    """A module's rank or alpha as PEFT finds it: the first pattern matching a suffix."""
+    for pattern, value in (config.get(patterns) or {}).items():
+        if re.match(rf'(.*\.)?({pattern})$', module):
+            return value, f'{patterns}[{pattern!r}]'
+    return config.get(field, default), field
+
+
+def _claimed(tree: Tree, owned: Any) -> dict[KeyPath, ex.Expr]:
+    """Keys made from owned sources; each must be made from them alone."""
+    out = {}
+    for key, entry in tree.items():
+        keys = _keys(entry.expr)
+        mine = keys & set(owned)
+        if not mine:
+            continue
+        if keys - mine:
+            raise LoraMismatchError(
+                f'The base rules make {key!r} from PEFT adapter tensors ({summarize(mine)}) and '
+                f'base weights ({summarize(keys - mine)}) together, e.g. by concatenating '
+                'adapted and unadapted weights; such a weight cannot take the adapter. Adapt '
+                'all of them, or keep them apart in the target.'
+            )
+        out[key] = entry.expr
+    return out
+
+
+def _keys(expr: ex.Expr) -> set[KeyPath]:
+    return {s.key for s in expr.sources()}
+
+
+def _check_all_placed(
+    modules: Sequence[_Module], placed: Mapping[KeyPath, tuple[str, ...]], directory: epath.Path
+) -> None:
+    done = {n for names in placed.values() for n in names}
+    lost = [key_to_name(m.name) for m in modules if key_to_name(m.name) not in done]
+    if lost:
+        raise UnmatchedKeyError(
+            f'The base rules leave the weights of PEFT modules {summarize(lost)} (adapted in '
+            f'{directory}) out of the target, so their adapters have nowhere to go. Put those '
+            'weights in the target, or drop the adapters from the PEFT model.'
+        )
+
+
+def save_peft_adapter(
+    trainable: PyTree,
+    layout: LoraLayout,
+    directory: epath.PathLike,
+    *,
+    rules: Rules = (),
+    embeddings: str | None = r'(.*/)?embedding',
+    fan_in_fan_out: bool = False,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Writes adapters as a PEFT LoRA adapter directory, for `PeftModel.from_pretrained`.
+
+    Each adapted weight goes through `rules` to its Hugging Face name and
+    layout (`to_pytorch(...)` for a Flax model; none when the layout's keys
+    are Hugging Face names already), and so do its factors: the factor holding
+    the weight's output rows becomes `lora_B.weight` `(out, r)`, the other
+    `lora_A.weight` `(r, in)`. Ranks and alphas differing between modules are
+    written as `rank_pattern`/`alpha_pattern`; parameters trained in full are
+    written whole and listed in `modules_to_save`.
+
+    Args:
+        trainable: The adapters and fully trained params (a trainable, joined
+            or `nnx.state` tree); fully addressable arrays.
+        layout: Their layout.
+        directory: Where to write `adapter_config.json` and
+            `adapter_model.safetensors` (created if missing).
+        rules: Rules from the layout's keys to Hugging Face names.
+        embeddings: Regex of layout weight keys that are embeddings (PEFT
+            names their factors `lora_embedding_A/B`).
+        fan_in_fan_out: The Hugging Face weights are stored `(in, out)`
+            (GPT-2's Conv1D), as `to_pytorch(fan_in_fan_out=...)` writes them.
+        base_model_name_or_path: Recorded in the config.
+        task_type: Recorded in the config, e.g. 'CAUSAL_LM'.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import LoraSpec, to_pytorch
+        >>> params = {'proj': {'kernel': np.zeros((4, 3), np.float32)}}
+        >>> lora = LoraSpec(['proj/kernel'], rank=1, alpha=2).bind(params)
+        >>> trainable = {'proj': {'kernel_lora_a': np.ones((4, 1), np.float32),
+        ...                       'kernel_lora_b': np.ones((1, 3), np.float32)}}
+        >>> out = tempfile.mkdtemp()
+        >>> save_peft_adapter(trainable, lora, out, rules=to_pytorch())
+        >>> for key, stored in SafetensorsCheckpoint(f'{out}/{WEIGHTS_FILE}').arrays.items():
+        ...     print(key, stored.shape)
+        base_model/model/proj/lora_A/weight (1, 4)
+        base_model/model/proj/lora_B/weight (3, 1)
+    """
+    flat = {canonical(k): v for k, v in flatten(_trainable_of(trainable, layout))[0].items()}
+    rules = checked_rules(rules)
+    whole = {k: _host(flat[k]) for k in layout.trained}
+    pushed_a = _push({**{a.key: _host(flat[a.a_key]) for a in layout.adapters}, **whole}, rules)
+    pushed_b = _push({**{a.key: _host(flat[a.b_key]) for a in layout.adapters}, **whole}, rules)
+    adapters = {a.key: a for a in layout.adapters}
+    embedding = re.compile(embeddings) if embeddings else None
+    use_rslora = bool(layout.adapters) and all(a.rslora for a in layout.adapters)
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    kinds = set()
+    saved_whole = set()
+    for hf_key, (key, value_a) in pushed_a.items():
+        if key not in adapters:
+            tensors['base_model.model.' + key_to_name(hf_key)] = value_a
+            saved_whole.add(_module_of(hf_key, key, 'parameter').rpartition('/')[2])
+            continue
+        adapter = adapters[key]
+        module = _module_of(hf_key, key, 'weight')
+        left, right = _factors_of(value_a, pushed_b[hf_key][1], adapter, hf_key)
+        name = 'base_model.model.' + key_to_name(module)
+        if embedding is not None and embedding.fullmatch(key):
+            tensors[f'{name}.lora_embedding_A'] = left.T
+            tensors[f'{name}.lora_embedding_B'] = right.T
+        elif fan_in_fan_out:
+            tensors[f'{name}.lora_A.weight'], tensors[f'{name}.lora_B.weight'] = left.T, right.T
+        else:
+            tensors[f'{name}.lora_A.weight'], tensors[f'{name}.lora_B.weight'] = right, left
+        dotted = key_to_name(module)
+        ranks[dotted] = adapter.rank
+        same = adapter.rslora == use_rslora
+        root = math.sqrt(adapter.rank) if use_rslora else adapter.rank
+        alphas[dotted] = adapter.alpha if same else adapter.scale * root
+        kinds.add(dotted.rsplit('.', 1)[-1])
+    r = _most_common(ranks.values(), 8)
+    alpha = _most_common(alphas.values(), r)
+    config = {
+        'peft_type': 'LORA',
+        'task_type': task_type,
+        'base_model_name_or_path': base_model_name_or_path,
+        'r': r,
+        'lora_alpha': _number(alpha),
+        'target_modules': sorted(kinds),
+        'rank_pattern': _patterns(ranks, r),
+        'alpha_pattern': {k: _number(v) for k, v in _patterns(alphas, alpha).items()},
+        'use_rslora': use_rslora,
+        'fan_in_fan_out': fan_in_fan_out,
+        'bias': 'none',
+        'lora_dropout': 0.0,
+        'modules_to_save': sorted(saved_whole) or None,
+        'init_lora_weights': True,
+        'inference_mode': True,
+        'use_dora': False,
+    }
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    write_file(path / WEIGHTS_FILE, dict(sorted(tensors.items())), {'format': 'pt'})
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+
+
+def _host(value: Any) -> np.ndarray:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        raise SurgeryError(
+            'save_peft_adapter writes one file from one process, but an adapter is sharded '
+            'across processes; gather it first (jax.experimental.multihost_utils.'
+            'process_allgather).'
+        )
+    return np.asarray(value)
+
+
+def _push(values: Mapping[KeyPath, np.ndarray], rules: Sequence[Rule]) -> dict:
+    """`{new key: (old key, value)}`: each value sent through the rules, eagerly."""
+    if not values:
+        return {}
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in values.items()}
+    plan = resolve(shapes, None, rules)
+    plan.check()
+    out = {}
+    for step in plan.steps:
+        if len(step.sources) != 1:
+            raise SurgeryError(
+                f'The rules make {step.key!r} from {list(step.sources)}; writing a PEFT '
+                'adapter needs one Hugging Face tensor per adapted weight.'
+            )
+        out[step.key] = (step.sources[0], step.expr.eager(values))
+    return out
+
+
+def _module_of(hf_key: KeyPath, key: KeyPath, what: str) -> KeyPath:
+    module, _, name = hf_key.rpartition('/')
+    if not module or (what == 'weight' and name != 'weight'):
+        raise SurgeryError(
+            f'The rules name the {what} {key!r} {hf_key!r}, but PEFT needs '
+            f"'<module>/{'weight' if what == 'weight' else '<name>'}'. Pass rules that give "
+            'Hugging Face names (to_pytorch(...)).'
+        )
+    return module
+
+
+def _factors_of(
+    a: np.ndarray, b: np.ndarray, adapter: Adapter, hf_key: KeyPath
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(L, R)` with the stored weight's update `scale * L @ R`, from pushed A and B."""
+    r = adapter.rank
+    as_is = a.ndim == b.ndim == 2 and a.shape[1] == r and b.shape[0] == r
+    swapped = a.ndim == b.ndim == 2 and b.shape[1] == r and a.shape[0] == r
+    if as_is == swapped:
+        raise SurgeryError(
+            f'{adapter.key!r} goes to {hf_key!r} with factors of shapes {a.shape} and '
+            f'{b.shape}, from which PEFT factors (r={r}) cannot be told apart; PEFT adapters '
+            'are written for 2-d weights with rank below both sizes.'
+        )
+    return (a, b) if as_is else (b, a)
+
+
+def _most_common(values: Any, default: Any) -> Any:
+    counts = collections.Counter(values)
+    return max(counts, key=lambda v: (counts[v], v)) if counts else default
+
+
+def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """PEFT patterns for the modules whose value is not `default`.
+
+    A module name's last part when every module of that name shares the value
+    (`{'v_proj': 2}`), else the escaped full name.
+    """
+    by_kind = collections.defaultdict(set)
+    for name, value in values.items():
+        by_kind[name.rsplit('.', 1)[-1]].add(value)
+    out = {}
+    for name, value in values.items():
+        if value == default:
+            continue
+        kind = name.rsplit('.', 1)[-1]
+        out[re.escape(kind) if by_kind[kind] == {value} else re.escape(name)] = value
+    return out
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
