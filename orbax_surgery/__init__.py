@@ -29,8 +29,11 @@ from orbax_surgery.lora import (
     LoraSave,
     LoraSpec,
     LoraTarget,
+    PeftAdapter,
     plan_lora_restore,
     read_lora_layout,
+    read_peft_adapter,
+    save_peft_adapter,
 )
 from orbax_surgery.materializer import apply_rules, materialize
 from orbax_surgery.orbax_transforms import OrbaxTransforms
@@ -78,6 +81,7 @@ __all__ = [
     'ModuleLists',
     'OrbaxCheckpoint',
     'OrbaxTransforms',
+    'PeftAdapter',
     'Plan',
     'Rename',
     'Reshape',
@@ -106,8 +110,10 @@ __all__ = [
     'plan_lora_restore',
     'plan_restore',
     'read_lora_layout',
+    'read_peft_adapter',
     'resolve',
     'restore',
+    'save_peft_adapter',
     'save_safetensors',
     'to_pytorch',
 ]

@@ -27,6 +27,7 @@ def test_public_api_is_pinned():
         'ModuleLists',
         'OrbaxCheckpoint',
         'OrbaxTransforms',
+        'PeftAdapter',
         'Plan',
         'Rename',
         'Reshape',
@@ -55,8 +56,10 @@ def test_public_api_is_pinned():
         'plan_lora_restore',
         'plan_restore',
         'read_lora_layout',
+        'read_peft_adapter',
         'resolve',
         'restore',
+        'save_peft_adapter',
         'save_safetensors',
         'to_pytorch',
     }

@@ -29,7 +29,7 @@ from orbax_surgery import (
     UnmatchedKeyError,
 )
 from orbax_surgery.keys import flatten, nest
-from orbax_surgery.lora.peft import read_peft_adapter, save_peft_adapter
+from orbax_surgery.lora import read_peft_adapter, save_peft_adapter
 from orbax_surgery.safetensors import write_file
 
 TOL = {'rtol': 1e-5, 'atol': 1e-6}
