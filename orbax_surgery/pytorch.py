@@ -275,6 +275,7 @@ def to_pytorch(
     stacked: str | None = None,
     fan_in_fan_out: str | None = None,
     drop: Sequence[str] = (),
+    heads: str = 'lm_head|score|classifier|qa_outputs',
 ) -> list[Rule]:
     """Rules that export a Flax tree in Hugging Face PyTorch naming and layout.
 
@@ -284,7 +285,8 @@ def to_pytorch(
     the lists named by `lists`, `layers='stacked'` unstacks the lists named
     by `lists` (`layers/...` into `layers/0/...`; `stacked` overrides which
     keys, as `(list)/(rest)`), and `add_prefix` adds the base model's prefix
-    (e.g. 'model') to every key (rename a head such as `lm_head` back after).
+    (e.g. 'model') to every key but the task heads named by `heads`, which
+    Hugging Face keeps outside the base model (`lm_head.weight`).
 
     Raises:
         RuleError: `layers` is none of 'unrolled', 'stacked' or None.
@@ -308,7 +310,7 @@ def to_pytorch(
         rules.append(Unstack(pattern, r'\1/{i}/\2'))
     rules.append(ToPyTorch(fan_in_fan_out=fan_in_fan_out))
     if add_prefix:
-        rules.append(Rename('(.*)', f'{add_prefix}/\\1'))
+        rules.append(Rename(f'(?!(?:{heads})(?:/|$))(.*)', f'{add_prefix}/\\1'))
     return rules
 
 
