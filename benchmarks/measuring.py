@@ -65,6 +65,38 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
+def io_counters() -> dict[str, int]:
+    """This process's /proc/self/io counters so far, by name.
+
+    `rchar` counts the bytes read() and pread() returned, from the page cache or
+    not, but not pages touched through a memory map; `read_bytes` counts the bytes
+    fetched from the block device for this process, memory-map faults and
+    readahead included (zero when the page cache holds the file).
+    """
+    with open('/proc/self/io') as f:
+        return {name: int(value) for name, value in (line.split(': ') for line in f)}
+
+
+def shard_bytes(flat: dict) -> int:
+    """Bytes this process's devices hold of `flat`'s leaves, each distinct region once.
+
+    Args:
+        flat: Leaves with `shape`, `dtype` and `sharding` (e.g. `jax.ShapeDtypeStruct`).
+    """
+    total = 0
+    for leaf in flat.values():
+        regions = {
+            tuple((s.start, s.stop) for s in index)
+            for index in leaf.sharding.addressable_devices_indices_map(leaf.shape).values()
+        }
+        for region in regions:
+            n = leaf.dtype.itemsize
+            for (start, stop), dim in zip(region, leaf.shape, strict=True):
+                n *= (dim if stop is None else stop) - (start or 0)
+            total += n
+    return total
+
+
 def tensorstore_bytes_read() -> int:
     """Bytes TensorStore has read from local files in this process so far."""
     import tensorstore as ts
