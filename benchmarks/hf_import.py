@@ -60,7 +60,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +67,14 @@ import time
 from pathlib import Path
 
 from incompressible import random_float32
-from measuring import PeakRss, io_counters, shard_bytes, summarize, worker_env
+from measuring import (
+    PeakRss,
+    free_port,
+    io_counters,
+    run_processes,
+    shard_bytes,
+    summarize,
+)
 
 METHODS = ('pread', 'surgery', 'orbax', 'numpy_put', 'numpy_callback')
 LAYOUTS = {
@@ -272,9 +278,7 @@ def _floor(files: list[Path], runs: int, cold: bool) -> dict:
 
 def _run_pair(args: argparse.Namespace, method: str, layout: str, directory: str) -> list[dict]:
     """Runs `method` in PROCESSES fresh processes of one jax.distributed job."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, __file__, '--worker', method, '--layout', layout, '--dir', directory]
     cmd += ['--layers', str(args.layers), '--d', str(args.d), '--ffn', str(args.ffn)]
     cmd += ['--vocab', str(args.vocab), '--port', str(port)]
@@ -282,27 +286,7 @@ def _run_pair(args: argparse.Namespace, method: str, layout: str, directory: str
         cmd += ['--max-inflight-mib', str(args.max_inflight_mib)]
     if args.cold:
         _evict(sorted(Path(directory).glob('*.safetensors')))
-    procs = [
-        subprocess.Popen(
-            [*cmd, '--process-id', str(pid)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=worker_env(),
-        )
-        for pid in range(PROCESSES)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        if p.returncode:
-            sys.exit(f'{layout} {method}: process {pid} failed:\n{out[-6000:]}')
-    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    return run_processes(cmd, PROCESSES, f'{layout} {method}', TIMEOUT_S)
 
 
 def _restore(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -125,3 +129,35 @@ def summarize(runs: list[dict], *, bytes_field: str) -> dict:
     summary[bytes_field] = runs[0][bytes_field]
     summary['runs'] = runs
     return summary
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_processes(cmd: list[str], processes: int, label: str, timeout_s: float) -> list[dict]:
+    """Runs `cmd --process-id i` for each process at once; each one's last JSON line."""
+    procs = [
+        subprocess.Popen(
+            [*cmd, '--process-id', str(pid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=worker_env(),
+        )
+        for pid in range(processes)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout_s)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        if p.returncode:
+            sys.exit(f'{label}: process {pid} failed:\n{out[-6000:]}')
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]

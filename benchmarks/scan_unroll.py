@@ -29,14 +29,21 @@ import gc
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from incompressible import random_float32
-from measuring import PeakRss, summarize, tensorstore_bytes_read, worker_env
+from measuring import (
+    PeakRss,
+    free_port,
+    run_processes,
+    shard_bytes,
+    summarize,
+    tensorstore_bytes_read,
+    worker_env,
+)
 
 METHODS = ('orbax_scanned', 'orbax_then_slice', 'surgery')
 SINGLE_CHUNK_METHODS = ('orbax_scanned', 'surgery')
@@ -177,32 +184,10 @@ def _run_save(args: argparse.Namespace, layout: str, directory: str) -> None:
 
 def _run_pair(args: argparse.Namespace, method: str, layout: str, directory: str) -> list[dict]:
     """Runs `method` in PROCESSES fresh processes of one jax.distributed job."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, __file__, '--worker', method, '--layout', layout, '--dir', directory]
     cmd += [*_common_args(args), '--port', str(port)]
-    procs = [
-        subprocess.Popen(
-            [*cmd, '--process-id', str(pid)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=worker_env(),
-        )
-        for pid in range(PROCESSES)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        if p.returncode:
-            sys.exit(f'{layout} {method}: process {pid} failed:\n{out[-6000:]}')
-    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    return run_processes(cmd, PROCESSES, f'{layout} {method}', TIMEOUT_S)
 
 
 def _chunk_shapes(item: Path) -> dict[str, list[int] | None]:
@@ -283,8 +268,8 @@ def _restore(
                 )
         else:
             unrolled[key] = scanned[key]
-    shard_bytes = _shard_bytes(scanned)
-    assert shard_bytes == _shard_bytes(unrolled), 'the methods must place the same bytes'
+    own_bytes = shard_bytes(scanned)
+    assert own_bytes == shard_bytes(unrolled), 'the methods must place the same bytes'
 
     rules = [osurg.Unstack(r'layers/(.*)', r'layers_{i}/\1')]
     planned = None
@@ -351,26 +336,10 @@ def _restore(
         'baseline_rss': peak.baseline,
         'rss_measured_as': peak.how,
         'bytes_read': read,
-        'shard_bytes': shard_bytes,
+        'shard_bytes': own_bytes,
         'shards_checked': checked,
         'planned': planned,
     }
-
-
-def _shard_bytes(flat: dict) -> int:
-    """Bytes this process's devices hold of `flat`'s leaves, each distinct region once."""
-    total = 0
-    for leaf in flat.values():
-        regions = {
-            tuple((s.start, s.stop) for s in index)
-            for index in leaf.sharding.addressable_devices_indices_map(leaf.shape).values()
-        }
-        for region in regions:
-            n = leaf.dtype.itemsize
-            for (start, stop), dim in zip(region, leaf.shape, strict=True):
-                n *= (dim if stop is None else stop) - (start or 0)
-            total += n
-    return total
 
 
 def _targets(results: dict) -> dict:
