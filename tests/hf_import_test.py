@@ -89,20 +89,7 @@ def llama_config(**overrides):
 
 
 def flax_llama(config, scan):
-    return hf_models.Llama(
-        hf_models.LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            rope_theta=config.rope_parameters['rope_theta'],
-            rms_norm_eps=config.rms_norm_eps,
-            scan=scan,
-        )
-    )
+    return hf_models.Llama(hf_models.LlamaConfig.of(config, scan))
 
 
 def flax_gpt2(config, scan):

@@ -27,6 +27,22 @@ class LlamaConfig:
     rms_norm_eps: float
     scan: bool = False
 
+    @classmethod
+    def of(cls, hf, scan: bool = False) -> 'LlamaConfig':
+        """The Flax model's config for a `transformers.LlamaConfig`."""
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=hf.num_attention_heads,
+            num_key_value_heads=hf.num_key_value_heads,
+            head_dim=hf.hidden_size // hf.num_attention_heads,
+            rope_theta=hf.rope_parameters['rope_theta'],
+            rms_norm_eps=hf.rms_norm_eps,
+            scan=scan,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:

@@ -154,20 +154,7 @@ def flax_target(state, mesh):
 def flax_llama(c, scan):
     """The Flax Llama of `hf_models.py` (its names are what `from_pytorch` fills)."""
     hf_models = pytest.importorskip('hf_models')
-    return hf_models.Llama(
-        hf_models.LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
-            rope_theta=c.rope_parameters['rope_theta'],
-            rms_norm_eps=c.rms_norm_eps,
-            scan=scan,
-        )
-    )
+    return hf_models.Llama(hf_models.LlamaConfig.of(c, scan))
 
 
 def assert_all_close(got, want):
