@@ -20,6 +20,7 @@ from orbax_surgery.keys import PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
 from orbax_surgery.plan import Plan, normalize_rules, resolve
 from orbax_surgery.rules import Rule
+from orbax_surgery.safetensors import SafetensorsCheckpoint, is_safetensors
 from orbax_surgery.saving import PlannedSave, plan_save, save_with_rules, with_layer_chunks
 from orbax_surgery.sources import DEFAULT_CACHE_BYTES, ArraySource, OrbaxCheckpoint, open_source
 
@@ -120,7 +121,11 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         _reject_positional(item, 'SurgeryRestore')
         if args is None:
             return self._impl.restore(directory)
-        source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
+        source: ArraySource
+        if is_safetensors(directory):
+            source = SafetensorsCheckpoint(directory)
+        else:
+            source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
         plan = resolve(source.arrays, args.target, args.rules)
         return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
 
@@ -195,6 +200,10 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
             tree (`{target_regex: ocp.Transform(...)}`), taken as
             `OrbaxTransforms`.
         max_inflight_bytes: Host memory for data read but not yet placed.
+
+    The directory restored may also hold Hugging Face safetensors (shards with
+    their index): `ocp.Checkpointer(SurgeryCheckpointHandler()).restore(
+    hf_dir, args=SurgeryRestore(...))` gives sharded jax.Arrays directly.
     """
 
     target: PyTree = None

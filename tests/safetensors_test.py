@@ -239,3 +239,17 @@ def test_tied_weights_read_once(tmp_path, mesh8):
     np.testing.assert_array_equal(out['lm_head']['kernel'], embedding.T)
     np.testing.assert_array_equal(out['embed']['embedding'], embedding)
     assert src.bytes_read == embedding.nbytes  # Each row block once, for both targets.
+
+
+def test_an_orbax_checkpointer_restores_a_hugging_face_directory(tmp_path, mesh8):
+    import orbax.checkpoint as ocp
+
+    directory = sharded_dir(tmp_path)
+    target = {'embed': sds((40, 16), sharding=NamedSharding(mesh8, P('x')))}
+    rules = [
+        osurg.Rename('model/embed/weight', 'embed'),
+        osurg.Drop('model/(layers|norm)/.*|lm_head/.*|scalar'),
+    ]
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        out = ckptr.restore(directory, args=osurg.SurgeryRestore(target=target, rules=rules))
+    np.testing.assert_array_equal(out['embed'], TENSORS['model.embed.weight'])
