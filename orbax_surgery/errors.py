@@ -4,48 +4,157 @@ from __future__ import annotations
 
 
 class SurgeryError(ValueError):
-    """Base class: the rules, target or checkpoint cannot give the target tree."""
+    """Base class: the rules, target or checkpoint cannot give the target tree.
+
+    Catch it to handle every error of this package; it is a `ValueError`.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> try:
+        ...     osurg.apply_rules({'w': np.ones(2)}, {'w': np.zeros(3)})
+        ... except osurg.SurgeryError as e:
+        ...     print(type(e).__name__)
+        ShapeMismatchError
+    """
 
 
 class RuleError(SurgeryError):
-    """A rule is malformed: a bad regex, template, dtype, axis or shape."""
+    """A rule is malformed: a bad regex, template, dtype, axis or shape.
+
+    Raised when the rule is built, before anything is planned or read.
+
+    Example:
+        >>> import orbax_surgery as osurg
+        >>> osurg.Cast('w', 'bfloat17')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.RuleError: Cast(...): 'bfloat17' is not a dtype. Did you mean ...?
+    """
 
 
 class UnmatchedKeyError(SurgeryError):
-    """A key that a rule or the target needs is not there."""
+    """A key that a rule or the target needs is not there.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> osurg.apply_rules({'dense/w': np.ones(2)}, {'Dense/w': ...})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.UnmatchedKeyError: Nothing fills target 'Dense/w': ... 'dense/w'. ...
+    """
 
 
 class UnusedKeyError(SurgeryError):
-    """Checkpoint keys that no target reads, and that no rule dropped."""
+    """Checkpoint keys that no target reads, and that no rule dropped.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> osurg.apply_rules({'w': np.ones(2), 'opt': np.ones(2)}, {'w': ...})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.UnusedKeyError: 1 checkpoint keys ... 'opt'. ... add Drop('opt'); ...
+    """
 
 
 class AmbiguousRuleError(SurgeryError):
-    """Two rules or two keys claim the same target key."""
+    """Two rules or two keys claim the same target key.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> tree = {'a': np.ones(2), 'b': np.ones(2)}
+        >>> osurg.apply_rules(tree, None, [osurg.Rename('a|b', 'w')])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.AmbiguousRuleError: Rename(...) maps 'b' to 'w', which 'a' ...
+    """
 
 
 class ShapeMismatchError(SurgeryError):
-    """A shape does not fit: target vs. source, or an op's input."""
+    """A shape does not fit: target vs. source, or an op's input.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> osurg.apply_rules({'w': np.ones(2)}, {'w': np.zeros(3)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.ShapeMismatchError: Target 'w' has shape (3,), but 'w' gives (2,). ...
+    """
 
 
 class DtypeMismatchError(SurgeryError):
-    """A dtype differs from the target's, or cannot be cast."""
+    """A dtype differs from the target's, or cannot be cast.
+
+    Nothing is cast unless a `Cast` rule says so.
+
+    Example:
+        >>> import numpy as np, orbax_surgery as osurg
+        >>> osurg.apply_rules({'w': np.ones(2)}, {'w': np.zeros(2, np.float32)})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.DtypeMismatchError: Target 'w' has dtype float32, ... float64. Cast...
+    """
 
 
 class CheckpointNotFoundError(SurgeryError, FileNotFoundError):
-    """The directory is missing, unfinalized, or not an Orbax PyTree item."""
+    """The directory is missing, unfinalized, or not an Orbax PyTree item.
+
+    Also a `FileNotFoundError`.
+
+    Example:
+        >>> import orbax_surgery as osurg
+        >>> osurg.plan_restore('/no/such/checkpoint')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.CheckpointNotFoundError: No checkpoint at /no/such/checkpoint: ...
+    """
 
 
 class SourceReadError(SurgeryError):
-    """Reading array data failed: a truncated, missing or unreadable chunk."""
+    """Reading array data failed: a truncated, missing or unreadable chunk.
+
+    Example:
+        >>> import os, tempfile, numpy as np, orbax_surgery as osurg
+        >>> from orbax_surgery.safetensors import write_file
+        >>> path = tempfile.mkdtemp() + '/model.safetensors'
+        >>> write_file(path, {'w': np.ones(4, np.float32)})
+        >>> os.truncate(path, os.path.getsize(path) - 4)  # Cut short, as by a failed copy.
+        >>> osurg.SafetensorsCheckpoint(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.SourceReadError: ...model.safetensors is truncated: 'w' needs ...
+    """
 
 
 class UnfinalizedCheckpointError(CheckpointNotFoundError):
-    """The checkpoint was never finalized: its save was interrupted or is running."""
+    """The checkpoint was never finalized: its save was interrupted or is running.
+
+    Example:
+        >>> import orbax_surgery as osurg
+        >>> osurg.plan_restore('/ckpts/7.orbax-checkpoint-tmp-1700000000/default')
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.UnfinalizedCheckpointError: ... is a temporary directory: its save ...
+    """
 
 
 class LoraMismatchError(SurgeryError):
-    """Adapters disagree with their spec: another rank, alpha, target or shape."""
+    """Adapters disagree with their spec: another rank, alpha, target or shape.
+
+    Also raised for an adapter checkpoint that `LoraSave` did not write.
+
+    Example:
+        >>> import tempfile, numpy as np, orbax.checkpoint as ocp, orbax_surgery as osurg
+        >>> path = tempfile.mkdtemp() + '/ckpt'
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(path, {'w': np.ones(2)})
+        >>> osurg.read_lora_layout(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.LoraMismatchError: ... holds no LoRA layout in its metadata: ...
+    """
 
 
 class DestinationExistsError(SurgeryError, FileExistsError):
-    """An export's destination exists, and `overwrite=True` was not given."""
+    """An export's destination exists, and `overwrite=True` was not given.
+
+    Also a `FileExistsError`.
+
+    Example:
+        >>> import tempfile, numpy as np, orbax_surgery as osurg
+        >>> osurg.save_safetensors({'w': np.ones(2)}, tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.DestinationExistsError: ... exists; the export leaves it untouched. ...
+    """

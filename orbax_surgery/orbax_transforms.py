@@ -44,9 +44,13 @@ class OrbaxTransforms:
     them. `SurgeryRestore(rules=transforms_tree)` wraps a bare tree in this rule.
 
     Example:
-        >>> import orbax.checkpoint as ocp
-        >>> OrbaxTransforms({r'(.*)_new': ocp.Transform(original_key=r'\1')})
+        >>> import numpy as np, orbax.checkpoint as ocp
+        >>> from orbax_surgery import apply_rules
+        >>> rule = OrbaxTransforms({r'(.*)_new': ocp.Transform(original_key=r'\1')})
+        >>> rule
         OrbaxTransforms(['(.*)_new'])
+        >>> apply_rules({'w': np.ones(2)}, {'w_new': ...}, [rule])
+        {'w_new': array([1., 1.])}
     """
 
     transforms: PyTree

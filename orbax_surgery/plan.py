@@ -41,6 +41,16 @@ class Step:
         target: The resolved target leaf (shape, dtype, sharding, kind all known).
         expr: The lazy expression that computes it.
         rules: The rules that shaped it, in order.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> import orbax_surgery as osurg
+        >>> src = {'embed': jax.ShapeDtypeStruct((8, 4), np.float32)}
+        >>> plan = resolve(src, {'lm_head': ...}, [osurg.Rename('embed', 'lm_head'),
+        ...                                        osurg.Transpose('lm_head', (1, 0))])
+        >>> step = plan.steps[0]
+        >>> step.key, step.sources, step.lazy, step.expr.describe()
+        ('lm_head', ('embed',), True, 'transpose(embed, (1, 0))')
     """
 
     target: TargetLeaf
@@ -90,6 +100,25 @@ class Plan:
         target_keys: Target keys in leaf order.
         missing: Target keys nothing fills (Hugging Face's `missing_keys`);
             `unused` are its `unexpected_keys`.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> import orbax_surgery as osurg
+        >>> src = {'dense/w': jax.ShapeDtypeStruct((2, 3), np.float32),
+        ...        'opt/mu': jax.ShapeDtypeStruct((2, 3), np.float32)}
+        >>> rules = [osurg.Rename('dense/w', 'Dense/w'), osurg.Drop('opt/.*')]
+        >>> plan = resolve(src, {'Dense/w': ...}, rules)
+        >>> print(plan)
+        Plan (ready): 1 target leaves from 2 checkpoint arrays (48 B)
+        Reads, process 0 of 1: 24 B (50% of the checkpoint), 1.00x what its shards need
+        <BLANKLINE>
+        target   shape   dtype    from     lazy  reads here
+        Dense/w  (2, 3)  float32  dense/w  yes   24 B
+        <BLANKLINE>
+        Left unread by rules (1):
+          Drop(pattern='opt/.*'): 'opt/mu'
+        >>> resolve(src, {'Dense/w': ...}, rules[:1]).errors  # doctest: +ELLIPSIS
+        (UnusedKeyError("1 checkpoint keys are read by no target: 'opt/mu'. ..."),)
     """
 
     steps: tuple[Step, ...]

@@ -104,8 +104,11 @@ class Rename(_Move):
     r"""Renames checkpoint keys fully matching `pattern` to `replacement`.
 
     Example:
-        >>> Rename(r'dense_(\d+)/(.*)', r'Dense_\1/\2')
-        Rename(pattern='dense_(\\d+)/(.*)', replacement='Dense_\\1/\\2')
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> rule = Rename(r'dense_(\d+)/(.*)', r'Dense_\1/\2')
+        >>> apply_rules({'dense_0': {'w': np.ones(2)}}, None, [rule])
+        {'Dense_0': {'w': array([1., 1.])}}
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -120,8 +123,10 @@ class Copy(_Move):
     `orbax_surgery.session`).
 
     Example:
-        >>> Copy('embed/embedding', 'lm_head/embedding')
-        Copy(pattern='embed/embedding', replacement='lm_head/embedding')
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> apply_rules({'embed': np.arange(3)}, None, [Copy('embed', 'lm_head')])
+        {'embed': array([0, 1, 2]), 'lm_head': array([0, 1, 2])}
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -133,8 +138,11 @@ class Drop(_Pattern):
     """Leaves checkpoint keys fully matching `pattern` unread, on purpose.
 
     Example:
-        >>> Drop(r'opt_state/.*')
-        Drop(pattern='opt_state/.*')
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> tree = {'w': np.ones(2), 'opt_state': {'mu': np.zeros(2)}}
+        >>> apply_rules(tree, {'w': ...}, [Drop(r'opt_state/.*')])
+        {'w': array([1., 1.])}
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -150,8 +158,11 @@ class Fallback(_Pattern):
     same name is left unread. The target leaf must be a concrete array.
 
     Example:
-        >>> Fallback(r'head/.*')
-        Fallback(pattern='head/.*')
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> target = {'w': ..., 'head': np.zeros(3)}  # The new head from model.init.
+        >>> apply_rules({'w': np.ones(2)}, target, [Fallback('head')])
+        {'head': array([0., 0., 0.]), 'w': array([1., 1.])}
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -189,8 +200,10 @@ class Cast(_Map):
     """Casts matching arrays to `dtype` (NumPy `astype`: round to nearest even).
 
     Example:
-        >>> Cast(r'.*/kernel', 'bfloat16')
-        Cast(pattern='.*/kernel', dtype=dtype(bfloat16))
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> apply_rules({'w': np.ones(2)}, None, [Cast('w', 'bfloat16')])
+        {'w': array([1, 1], dtype=bfloat16)}
     """
 
     dtype: Any
@@ -217,8 +230,12 @@ class Transpose(_Map):
     """Permutes the axes of matching arrays, as `np.transpose(x, axes)`.
 
     Example:
-        >>> Transpose('lm_head/kernel', (1, 0))
-        Transpose(pattern='lm_head/kernel', axes=(1, 0))
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> apply_rules({'w': np.arange(6).reshape(2, 3)}, None, [Transpose('w', (1, 0))])
+        {'w': array([[0, 3],
+               [1, 4],
+               [2, 5]])}
     """
 
     axes: tuple[int, ...]
@@ -242,8 +259,12 @@ class Reshape(_Map):
     """Reshapes matching arrays in C order; one size may be -1.
 
     Example:
-        >>> Reshape(r'.*/attn/query/kernel', (512, 8, 64))
-        Reshape(pattern='.*/attn/query/kernel', shape=(512, 8, 64))
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> tree = {'query': {'kernel': np.zeros((8, 6))}}  # (d, heads * head_dim)
+        >>> out = apply_rules(tree, None, [Reshape(r'.*/kernel', (8, 2, -1))])
+        >>> out['query']['kernel'].shape
+        (8, 2, 3)
     """
 
     shape: tuple[int, ...]
@@ -273,8 +294,9 @@ class Slice(_Map):
 
     Example:
         >>> import numpy as np
-        >>> Slice('embed/embedding', np.s_[:32000])
-        Slice(pattern='embed/embedding', index=slice(None, 32000, None))
+        >>> from orbax_surgery import apply_rules
+        >>> apply_rules({'embed': np.arange(10)}, None, [Slice('embed', np.s_[:4])])
+        {'embed': array([0, 1, 2, 3])}
     """
 
     index: Any
@@ -294,8 +316,13 @@ class MapValue(_Map):
     or from `out` when `fn` cannot be traced.
 
     Example:
-        >>> MapValue(r'.*/scale', lambda x: x * 2, elementwise=True)
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> rule = MapValue(r'.*/scale', lambda x: x + 1, elementwise=True)
+        >>> rule
         MapValue('.*/scale', <lambda>, elementwise=True)
+        >>> apply_rules({'norm': {'scale': np.zeros(2)}}, None, [rule])
+        {'norm': {'scale': array([1., 1.])}}
     """
 
     fn: Callable[[Any], Any]
@@ -328,8 +355,12 @@ class Combine(_Pattern):
     serves every layer. `fn` gets whole arrays, read on this host (not lazy).
 
     Example:
-        >>> Combine(r'(.*)/qkv', (r'\1/q', r'\1/k', r'\1/v'), lambda q, k, v: q + k + v)
-        Combine('(.*)/qkv', ('\\1/q', '\\1/k', '\\1/v'), <lambda>)
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> fuse = Combine(r'(.*)/qkv', (r'\1/q', r'\1/k', r'\1/v'), lambda *x: jnp.concatenate(x))
+        >>> tree = {'attn': {n: np.full(2, i, np.float32) for i, n in enumerate('qkv')}}
+        >>> apply_rules(tree, {'attn': {'qkv': ...}}, [fuse])
+        {'attn': {'qkv': array([0., 0., 1., 1., 2., 2.], dtype=float32)}}
     """
 
     inputs: tuple[str, ...]

@@ -67,8 +67,11 @@ class Unstack(_Layers):
     16-layer student of a 32-layer teacher, or `range(31, -1, -1)` to reverse.
 
     Example:
-        >>> Unstack(r'layers/(.*)', r'layers_{i}/\1')
-        Unstack(pattern='layers/(.*)', replacement='layers_{i}/\\1', axis=0, layers=None)
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> scanned = {'layers': {'w': np.arange(6).reshape(3, 2)}}  # 3 layers on axis 0
+        >>> apply_rules(scanned, None, [Unstack(r'layers/(.*)', r'layers_{i}/\1', layers=[0, 2])])
+        {'layers_0': {'w': array([0, 1])}, 'layers_1': {'w': array([4, 5])}}
     """
 
     def __post_init__(self):
@@ -142,8 +145,12 @@ class Stack(_Layers):
     `replacement`, whose backreferences count only the pattern's own groups.
 
     Example:
-        >>> Stack(r'layers_{i}/(.*)', r'layers/\1')
-        Stack(pattern='layers_{i}/(.*)', replacement='layers/\\1', axis=0, layers=None)
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> unrolled = {'layers_0': {'w': np.zeros(2)}, 'layers_1': {'w': np.ones(2)}}
+        >>> apply_rules(unrolled, None, [Stack(r'layers_{i}/(.*)', r'layers/\1')])
+        {'layers': {'w': array([[0., 0.],
+               [1., 1.]])}}
     """
 
     _names: re.Pattern[str] = dataclasses.field(init=False, repr=False, compare=False)
