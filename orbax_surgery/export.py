@@ -61,6 +61,13 @@ class Exported:
         files: The safetensors files in it, in order (plus the index when several).
         total_size: Tensor bytes in all files (the index's `metadata.total_size`).
         bytes_written: Tensor bytes this process wrote.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> tree = {'a': np.ones(4, np.float32), 'b': np.ones(4, np.float32)}
+        >>> out = save_safetensors(tree, tempfile.mkdtemp() + '/hf', max_shard_size=16)
+        >>> out.files[0], out.files[-1], out.total_size, out.bytes_written
+        ('model-00001-of-00002.safetensors', 'model.safetensors.index.json', 32, 32)
     """
 
     directory: epath.Path

@@ -133,7 +133,7 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_save=True)
 @dataclasses.dataclass(kw_only=True)
 class SurgerySave(ocp.args.CheckpointArgs):
-    """Saves a tree, optionally in another layout, as an ordinary Orbax checkpoint.
+    r"""Saves a tree, optionally in another layout, as an ordinary Orbax checkpoint.
 
     Without rules or target it saves as `ocp.args.StandardSave` would. With
     them, the saved tree is `item` transformed by `rules` into `target`
@@ -155,6 +155,18 @@ class SurgerySave(ocp.args.CheckpointArgs):
             rules raise there, before Orbax starts a checkpoint.
         store_args: Without rules, the `SaveArgs` passed to Orbax (`layer_axes`
             applied), likewise checked when the args are built.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import Stack
+        >>> path = tempfile.mkdtemp() + '/scanned'
+        >>> unrolled = {'layers_0': {'w': np.zeros(2)}, 'layers_1': {'w': np.ones(2)}}
+        >>> stack = Stack(r'layers_{i}/(.*)', r'layers/\1')
+        >>> with ocp.Checkpointer(SurgeryCheckpointHandler()) as ckptr:
+        ...     ckptr.save(path, args=SurgerySave(item=unrolled, rules=[stack]))
+        >>> with ocp.StandardCheckpointer() as ckptr:  # An ordinary Orbax checkpoint.
+        ...     ckptr.restore(path)['layers']['w'].shape
+        (2, 2)
     """
 
     item: PyTree
@@ -204,6 +216,18 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
     The directory restored may also hold Hugging Face safetensors (shards with
     their index): `ocp.Checkpointer(SurgeryCheckpointHandler()).restore(
     hf_dir, args=SurgeryRestore(...))` gives sharded jax.Arrays directly.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import Drop, Rename
+        >>> root = tempfile.mkdtemp()
+        >>> with ocp.CheckpointManager(root) as manager:  # Saved by plain Orbax.
+        ...     _ = manager.save(1, args=ocp.args.StandardSave({'dense': np.ones(2), 'step': 1}))
+        >>> rules = [Rename('dense', 'Dense'), Drop('step')]
+        >>> args = SurgeryRestore(target={'Dense': ...}, rules=rules)
+        >>> with ocp.CheckpointManager(root) as manager:
+        ...     manager.restore(1, args=args)
+        {'Dense': array([1., 1.])}
     """
 
     target: PyTree = None

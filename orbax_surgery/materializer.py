@@ -52,6 +52,18 @@ def materialize(
 
     Returns:
         The target tree, with the target's structure.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import Transpose, TreeSource, resolve
+        >>> source = TreeSource({'w': np.arange(6).reshape(2, 3)})
+        >>> plan = resolve(source.arrays, None, [Transpose('w', (1, 0))])
+        >>> plan.steps[0].expr.describe()  # Inspect first; nothing was read yet.
+        'transpose(w, (1, 0))'
+        >>> materialize(plan, source)
+        {'w': array([[0, 3],
+               [1, 4],
+               [2, 5]])}
     """
     plan.check()
     values = run_sync(compute_leaves(plan.steps, source, max_inflight_bytes, on_bytes))

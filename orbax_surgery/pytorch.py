@@ -63,6 +63,16 @@ class FromPyTorch:
         collection: The Flax collection the tree's parameters are under (e.g.
             'params', as `from_pytorch(add_prefix=...)` puts them): a target
             `batch_stats/<module>/mean` then takes `<collection>/<module>/running_mean`.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> state_dict = {'proj': {'weight': np.ones((3, 2)), 'bias': np.zeros(3)},
+        ...               'norm': {'weight': np.ones(2)}}
+        >>> target = {'proj': {'kernel': ..., 'bias': ...}, 'norm': {'scale': ...}}
+        >>> out = apply_rules(state_dict, target, [FromPyTorch()])
+        >>> out['proj']['kernel'].shape, out['norm']['scale'].shape  # (out, in) -> (in, out)
+        ((2, 3), (2,))
     """
 
     fan_in_fan_out: str | None = None
@@ -136,6 +146,14 @@ class ToPyTorch:
 
     Attributes:
         fan_in_fan_out: Regex of (PyTorch-named) weight keys to keep `(in, out)`.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> params = {'proj': {'kernel': np.ones((2, 3))}, 'norm': {'scale': np.ones(2)}}
+        >>> out = apply_rules(params, None, [ToPyTorch()])
+        >>> out['proj']['weight'].shape, list(out['norm'])
+        ((3, 2), ['weight'])
     """
 
     fan_in_fan_out: str | None = None
@@ -185,6 +203,16 @@ class ModuleLists:
         to_flax: The direction: `layers/0` -> `layers_0`, else back.
         names: Regex of the lists' names. Going back it matters: Flax's own
             automatic names (`Dense_0`) are not lists.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import apply_rules
+        >>> torch_tree = {'layers': {'0': {'w': np.ones(1)}, '1': {'w': np.ones(1)}}}
+        >>> list(apply_rules(torch_tree, None, [ModuleLists()]))
+        ['layers_0', 'layers_1']
+        >>> flax_tree = {'layers_0': {'w': np.ones(1)}, 'Dense_0': {'w': np.ones(1)}}
+        >>> list(apply_rules(flax_tree, None, [ModuleLists(to_flax=False, names='layers')]))
+        ['Dense_0', 'layers']
     """
 
     to_flax: bool = True
