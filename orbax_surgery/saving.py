@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ from orbax_surgery.errors import RuleError
 from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, flatten
 from orbax_surgery.materializer import compute_leaves, host_regions
 from orbax_surgery.plan import Plan, Rules, Step, resolve
-from orbax_surgery.sources import TreeSource
+from orbax_surgery.sources import ArraySource, TreeSource
 from orbax_surgery.value_fns import Elementwise
 
 
@@ -76,28 +76,56 @@ def _layer_args(key: KeyPath, leaf: Any, axis: int) -> ocp.SaveArgs:
 
 @dataclasses.dataclass(frozen=True)
 class PlannedSave:
-    """A checked save with surgery: what to compute, and how Orbax stores each leaf."""
+    """A checked save with surgery: what to compute, and how Orbax stores each leaf.
 
-    source: TreeSource
+    Attributes:
+        source: Where the saved tree's inputs are read: the live item, or a
+            checkpoint being converted.
+        plan: The checked plan.
+        steps: The plan's steps, each target leaf with the sharding it is saved with.
+        save_args: One `ocp.SaveArgs` per saved leaf.
+        on_bytes: Called with the bytes of each block computed, for progress.
+    """
+
+    source: ArraySource
     plan: Plan
     steps: tuple[Step, ...]
     save_args: PyTree
+    on_bytes: Callable[[int], None] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the saved leaves' shards on this host: the total `on_bytes` reports."""
+        return sum(_host_bytes(step) for step in self.steps)
 
 
 def plan_save(
-    item: PyTree,
+    item: PyTree | ArraySource,
     target: PyTree,
     rules: Rules,
     save_args: PyTree | None = None,
     layer_axes: Mapping[str, int] | None = None,
 ) -> PlannedSave:
-    """Plans a save with surgery from metadata alone; raises before anything is written."""
-    source = TreeSource(item)
+    """Plans a save with surgery from metadata alone; raises before anything is written.
+
+    `item` is a live tree, or a source (`OrbaxCheckpoint`,
+    `SafetensorsCheckpoint`, ...) to convert without loading it: the saved
+    tree is then computed from it a few leaves at a time, as from a tree.
+    """
+    source = item if is_source(item) else TreeSource(item)
     plan = resolve(source.arrays, target, rules)
     plan.check()
     steps = tuple(_with_sharding(step, source) for step in plan.steps)
     shaped = _tree(plan, [_abstract(step) for step in steps])
     return PlannedSave(source, plan, steps, with_layer_chunks(save_args, shaped, layer_axes))
+
+
+def is_source(item: Any) -> bool:
+    """Whether `item` is an array source (read lazily) rather than a tree of values."""
+    kind = type(item)
+    return callable(getattr(kind, 'read', None)) and callable(getattr(kind, 'open', None))
 
 
 def with_layer_chunks(
@@ -137,7 +165,7 @@ async def save_with_rules(
         zip(plan.target_keys, jax.tree.leaves(infos, is_leaf=_is_info), strict=True)
     )
     for group in _groups(steps, max_inflight_bytes):
-        values = await compute_leaves(group, source, max_inflight_bytes)
+        values = await compute_leaves(group, source, max_inflight_bytes, planned.on_bytes)
         keys = [step.key for step in group]
         requests = base_handler.batched_serialization_requests(
             {k: values[k] for k in keys},
@@ -223,12 +251,17 @@ def _host_bytes(step: Step) -> int:
     return sum(map(regions.size_of, host_regions(step))) * step.target.dtype.itemsize
 
 
-def _with_sharding(step: Step, source: TreeSource) -> Step:
-    """A target leaf without a sharding gets the one its inputs suggest."""
+def _with_sharding(step: Step, source: ArraySource) -> Step:
+    """A target leaf without a sharding gets the one its inputs suggest.
+
+    Arrays read from a checkpoint have no sharding of their own; they go to
+    this host's first device.
+    """
     leaf = step.target
     if leaf.kind != 'jax.Array' or leaf.sharding is not None:
         return step
-    sharding = natural_sharding(step.expr, source.values) or _fallback_sharding(source.values)
+    values = source.values if isinstance(source, TreeSource) else {}
+    sharding = natural_sharding(step.expr, values) or _fallback_sharding(values)
     return dataclasses.replace(step, target=dataclasses.replace(leaf, sharding=sharding))
 
 
