@@ -105,6 +105,22 @@ class LoraSave(ocp.args.CheckpointArgs):
         custom_metadata: More JSON metadata to store beside the layout.
         layout: The resolved layout (set when the args are built).
         trainable: The tree written, checked when the args are built.
+
+    Example:
+        >>> import tempfile, jax, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> params = {'dense': {'kernel': np.ones((4, 6), np.float32)},
+        ...           'head': {'kernel': np.ones((6, 2), np.float32)}}
+        >>> lora = LoraSpec(['dense/kernel'], rank=2, train=['head/kernel']).bind(params)
+        >>> trainable = lora.init(params, jax.random.key(0))  # Then train it.
+        >>> root = tempfile.mkdtemp()
+        >>> with ocp.CheckpointManager(root) as manager:
+        ...     _ = manager.save(1, args=ocp.args.Composite(
+        ...         adapters=LoraSave(item=trainable, lora=lora)))  # No base weights.
+        >>> print(read_lora_layout(f'{root}/1/adapters'))
+        LoRA layout: 1 adapters, 1 trained in full
+          dense/kernel (4, 6): rank 2, scale 1, A (4, 2), B (2, 6)
+          head/kernel (6, 2): trained in full
     """
 
     item: PyTree
@@ -159,6 +175,26 @@ class LoraRestore(ocp.args.CheckpointArgs):
         base_rules: Rules from the base checkpoint's keys to the target's
             (renames, `Unstack`, `Drop('opt_state/.*')`, ...).
         max_inflight_bytes: Host bytes read but not yet placed on devices.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> root = tempfile.mkdtemp()
+        >>> params = {'dense': {'kernel': np.ones((4, 6), np.float32)}}
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(f'{root}/base', params)
+        >>> lora = LoraSpec(['dense/kernel'], rank=2).bind(params)
+        >>> trainable = {'dense': {'kernel_lora_a': np.ones((4, 2), np.float32),
+        ...                        'kernel_lora_b': np.ones((2, 6), np.float32)}}
+        >>> with ocp.CheckpointManager(f'{root}/run') as manager:
+        ...     _ = manager.save(1, args=ocp.args.Composite(
+        ...         adapters=LoraSave(item=trainable, lora=lora)))
+        >>> split = LoraRestore(base=f'{root}/base', mode='split')  # To go on training.
+        >>> with ocp.CheckpointManager(f'{root}/run') as manager:
+        ...     frozen, trainable = manager.restore(
+        ...         1, args=ocp.args.Composite(adapters=split)).adapters
+        >>> frozen['dense']['kernel'].shape, sorted(trainable['dense'])
+        ((4, 6), ['kernel_lora_a', 'kernel_lora_b'])
     """
 
     base: epath.PathLike | None = None
@@ -178,7 +214,24 @@ class LoraRestore(ocp.args.CheckpointArgs):
 
 
 def read_lora_layout(directory: epath.PathLike) -> LoraLayout:
-    """The layout a `LoraSave` checkpoint item recorded, reading no array data."""
+    """The layout a `LoraSave` checkpoint item recorded, reading no array data.
+
+    Raises:
+        LoraMismatchError: `LoraSave` did not write the item (no layout in its metadata).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> path = tempfile.mkdtemp() + '/adapters'
+        >>> lora = LoraSpec(['w'], rank=2, alpha=4).bind({'w': np.zeros((8, 8), np.float32)})
+        >>> trainable = {'w_lora_a': np.zeros((8, 2), np.float32),
+        ...              'w_lora_b': np.zeros((2, 8), np.float32)}
+        >>> with ocp.Checkpointer(LoraCheckpointHandler()) as ckptr:
+        ...     ckptr.save(path, args=LoraSave(item=trainable, lora=lora))
+        >>> print(read_lora_layout(path))
+        LoRA layout: 1 adapters, 0 trained in full
+          w (8, 8): rank 2, scale 2, A (8, 2), B (2, 8)
+    """
     return _layout_of(OrbaxCheckpoint(directory))
 
 
@@ -197,6 +250,22 @@ def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
 
     Print the plan to see each merge (`W + scale * A @ B`), what is unused and
     the bytes each process will read.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> root = tempfile.mkdtemp()
+        >>> params = {'w': np.zeros((8, 8), np.float32)}
+        >>> with ocp.StandardCheckpointer() as ckptr:
+        ...     ckptr.save(f'{root}/base', params)
+        >>> lora = LoraSpec(['w'], rank=2, alpha=4).bind(params)
+        >>> trainable = {'w_lora_a': np.zeros((8, 2), np.float32),
+        ...              'w_lora_b': np.zeros((2, 8), np.float32)}
+        >>> with ocp.Checkpointer(LoraCheckpointHandler()) as ckptr:
+        ...     ckptr.save(f'{root}/adapters', args=LoraSave(item=trainable, lora=lora))
+        >>> plan = plan_lora_restore(f'{root}/adapters', LoraRestore(base=f'{root}/base'))
+        >>> plan.steps[0].expr.describe()
+        'base/w + 2 * adapters/w_lora_a @ adapters/w_lora_b'
     """
     return _prepare(directory, args)[0]
 

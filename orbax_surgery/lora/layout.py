@@ -98,6 +98,13 @@ class Adapter:
         batch_axes: Leading stacked-layer axes, each layer with its own adapter.
         in_axes: Input axes after the batch axes; the rest are outputs.
         dtype: The adapters' dtype.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> adapter = LoraSpec(['w'], rank=2, alpha=8).bind({'w': np.zeros((4, 6))}).adapters[0]
+        >>> adapter.a_key, adapter.a_shape, adapter.b_shape, adapter.scale
+        ('w_lora_a', (4, 2), (2, 6), 4.0)
     """
 
     key: KeyPath
@@ -131,6 +138,7 @@ class Adapter:
         """This adapter, its dtype taken from `found` `(shape, dtype)` pairs of A and B.
 
         Raises:
+            UnmatchedKeyError: neither A nor B is there.
             LoraMismatchError: one of A and B is missing, or a shape does not fit.
         """
         names = (self.a_key, self.b_key)
@@ -184,6 +192,22 @@ class LoraLayout:
         adapters: One `Adapter` per adapted weight, in key order.
         trained: Parameters trained in full: `{key: (shape, dtype)}`.
         templates: The naming templates of the adapter keys.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> from orbax_surgery import LoraSpec
+        >>> params = {'dense': {'kernel': np.ones((4, 6), np.float32)}}
+        >>> lora = LoraSpec(['dense/kernel'], rank=2).bind(params)
+        >>> print(lora)
+        LoRA layout: 1 adapters, 0 trained in full
+          dense/kernel (4, 6): rank 2, scale 1, A (4, 2), B (2, 6)
+        >>> trainable = lora.init(params, jax.random.key(0))  # B = 0: starts as the base.
+        >>> merged = lora.merge(params, trainable)  # Differentiable; use it in a loss.
+        >>> bool((merged['dense']['kernel'] == 1).all())
+        True
+        >>> frozen, trainable = lora.split(lora.join(params, trainable))
+        >>> sorted(trainable['dense'])
+        ['kernel_lora_a', 'kernel_lora_b']
     """
 
     adapters: tuple[Adapter, ...]

@@ -24,7 +24,25 @@ from orbax_surgery.rules import Entry, Target, Tree
 
 @dataclasses.dataclass(frozen=True)
 class LowRankUpdate(ex.Expr):
-    """`base + sign * scale * A @ B`, computed region by region in float32 or wider."""
+    """`base + sign * scale * A @ B`, computed region by region in float32 or wider.
+
+    The plan's expression for a merged weight; `MergeAdapters` makes it.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import LoraSpec, TreeSource, resolve
+        >>> joined = {'w': np.ones((4, 6), np.float32), 'w_lora_a': np.ones((4, 2), np.float32),
+        ...           'w_lora_b': np.ones((2, 6), np.float32)}
+        >>> lora = LoraSpec(['w'], rank=2, alpha=4).bind(joined)
+        >>> update = resolve(TreeSource(joined).arrays, None, [MergeAdapters(lora)]).steps[0].expr
+        >>> type(update).__name__, update.describe()
+        ('LowRankUpdate', 'w + 2 * w_lora_a @ w_lora_b')
+        >>> for child, region in update.child_regions((range(0, 2), range(3, 6))):
+        ...     print(child.describe(), region)  # What the shard W[0:2, 3:6] reads.
+        w (range(0, 2), range(3, 6))
+        w_lora_a (range(0, 2), range(0, 2))
+        w_lora_b (range(0, 2), range(3, 6))
+    """
 
     base: ex.Expr
     a: ex.Expr
@@ -94,7 +112,18 @@ class MergeAdapters:
     """Rule: each adapted weight becomes `W ± scale * A @ B`; A and B are consumed.
 
     Keys are matched as the layout names them, with or without the '/value'
-    that `nnx.State` leaves carry. `sign=-1` unmerges (subtracts).
+    that `nnx.State` leaves carry. `sign=-1` unmerges (subtracts). Use it in
+    `SurgeryRestore(rules=...)` for a checkpoint holding base and adapters.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import LoraSpec, apply_rules
+        >>> joined = {'w': np.ones((2, 3), np.float32), 'w_lora_a': np.ones((2, 1), np.float32),
+        ...           'w_lora_b': np.ones((1, 3), np.float32)}
+        >>> lora = LoraSpec(['w'], rank=1, alpha=4).bind(joined)
+        >>> apply_rules(joined, None, [MergeAdapters(lora)])  # 1 + 4 * 1 * 1
+        {'w': array([[5., 5., 5.],
+               [5., 5., 5.]], dtype=float32)}
     """
 
     layout: LoraLayout

@@ -117,6 +117,21 @@ class PeftAdapter:
             weight; A as `in + (r,)`, B as `(r,) + out`), and in `trained`
             the tensors PEFT saved whole (`modules_to_save`).
         modules: For each adapted weight key, the PEFT module(s) adapting it.
+
+    Example:
+        >>> import json, tempfile, numpy as np
+        >>> from orbax_surgery.safetensors import write_file
+        >>> root = epath.Path(tempfile.mkdtemp())  # What PeftModel.save_pretrained writes:
+        >>> write_file(root / WEIGHTS_FILE, {
+        ...     'base_model.model.proj.lora_A.weight': np.ones((1, 4), np.float32),
+        ...     'base_model.model.proj.lora_B.weight': np.ones((3, 1), np.float32)})
+        >>> _ = (root / CONFIG_FILE).write_text(json.dumps({'r': 1, 'lora_alpha': 2}))
+        >>> adapter = read_peft_adapter(root)  # No base, no rules: torch names and layout.
+        >>> adapter.modules
+        {'proj/weight': ('proj',)}
+        >>> trainable = adapter.restore()
+        >>> trainable['proj']['weight_lora_a'].shape, trainable['proj']['weight_lora_b'].shape
+        ((3, 1), (1, 4))
     """
 
     def __init__(
