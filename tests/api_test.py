@@ -1,6 +1,9 @@
+import doctest
 import inspect
+import sys
 
 import orbax_surgery as osurg
+import orbax_surgery.lora
 
 
 def test_public_api_is_pinned():
@@ -68,6 +71,22 @@ def test_public_api_is_pinned():
 def test_every_public_name_has_a_docstring():
     missing = [n for n in osurg.__all__ if not inspect.getdoc(getattr(osurg, n))]
     assert missing == []
+
+
+def test_every_public_name_has_an_example_the_suite_runs():
+    # Errors included: their examples show what raises them, with the message.
+    public = {n: getattr(osurg, n) for n in osurg.__all__}
+    public |= {n: getattr(orbax_surgery.lora, n) for n in orbax_surgery.lora.__all__}
+    finder = doctest.DocTestFinder()
+    collected = set()
+    for module in {sys.modules[obj.__module__] for obj in public.values()}:
+        collected |= {t.name for t in finder.find(module) if t.examples}
+    missing = [
+        name
+        for name, obj in sorted(public.items())
+        if f'{obj.__module__}.{obj.__qualname__}' not in collected
+    ]
+    assert missing == [], f'no doctest example (>>>) in the docstrings of {missing}'
 
 
 def test_errors_share_one_root_and_are_value_errors():
