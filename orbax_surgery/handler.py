@@ -141,7 +141,9 @@ class SurgerySave(ocp.args.CheckpointArgs):
     so the converted tree never exists whole in memory.
 
     Attributes:
-        item: The tree to save.
+        item: The tree to save. With `rules` or `target` it may also be a source
+            (`OrbaxCheckpoint`, `SafetensorsCheckpoint`), converted without
+            loading it whole.
         rules: Rules from `item`'s keys to the saved tree's, as for restoring.
         target: The saved tree's leaves (shapes, dtypes, shardings), or None
             to take them from the rules. Leaves without a sharding inherit
