@@ -228,7 +228,8 @@ def resolve(
             steps.append(Step(_resolve_leaf(leaf, entry.expr), entry.expr, entry.via))
         except SurgeryError as e:
             errors.append(e)
-    used = _refs(s.expr for s in steps)
+    # A leaf that fails on shape or dtype still names its sources: they are not "unused".
+    used = _refs(tree[k].expr for k in leaves if k in tree)
     unused = _unused(tree, sources, used, dropped)
     if unused:
         errors.append(_unused_error(unused))

@@ -180,3 +180,9 @@ def test_missing_and_unexpected_keys_are_listed_like_hugging_faces():
     text = str(plan)
     assert 'Missing: target keys nothing fills (1):\n  b' in text
     assert 'Unused checkpoint keys (1):\n  extra' in text
+
+
+def test_a_shape_mismatch_does_not_also_call_its_source_unused():
+    plan = osurg.resolve({'w': jax.ShapeDtypeStruct((2, 3), np.float32)}, {'w': sds((3, 2))})
+    assert [type(e).__name__ for e in plan.errors] == ['ShapeMismatchError']
+    assert plan.unused == ()
