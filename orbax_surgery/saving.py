@@ -254,13 +254,16 @@ def _host_bytes(step: Step) -> int:
 def _with_sharding(step: Step, source: ArraySource) -> Step:
     """A target leaf without a sharding gets the one its inputs suggest.
 
-    Arrays read from a checkpoint have no sharding of their own; they go to
-    this host's first device.
+    Converted from a checkpoint, such a leaf is written as a NumPy array: its
+    inputs have no devices, and the checkpoint then names none (a restore
+    places it wherever its target says).
     """
     leaf = step.target
     if leaf.kind != 'jax.Array' or leaf.sharding is not None:
         return step
-    values = source.values if isinstance(source, TreeSource) else {}
+    if not isinstance(source, TreeSource):
+        return dataclasses.replace(step, target=dataclasses.replace(leaf, kind='np.ndarray'))
+    values = source.values
     sharding = natural_sharding(step.expr, values) or _fallback_sharding(values)
     return dataclasses.replace(step, target=dataclasses.replace(leaf, sharding=sharding))
 
