@@ -262,11 +262,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple[Rule, ...]]:
     """The plan, and the source, target and rules it comes from."""
-    src = item_path(args.src, step=args.step, item=args.item)
     rules_file = load_rules_file(args.rules) if args.rules else RulesFile(epath.Path('.'))
     target = rules_file.target
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
+    src = item_path(args.src, step=args.step, item=args.item)
     source, rules = rules_file.compose(open_source(src), target)
     return resolve(source.arrays, target, rules), source, target, rules
 

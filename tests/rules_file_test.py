@@ -1,6 +1,7 @@
 """Rules files: each rule kind, presets, targets, LoRA entries and Python files; every error."""
 
 import json
+import pathlib
 import re
 import textwrap
 
@@ -333,3 +334,15 @@ def test_lora_entry_reads_a_peft_directory(tmp_path):
     source, rules = loaded.compose(open_source(tmp_path / 'base'), loaded.target)
     out = materialize(resolve(source.arrays, loaded.target, rules), source)
     np.testing.assert_allclose(out['q']['kernel'], (weight + 1.5 * lora_b @ lora_a).T, rtol=1e-6)
+
+
+def test_the_examples_in_the_docs_load(tmp_path):
+    doc = (pathlib.Path(__file__).parent.parent / 'docs' / 'rules-files.md').read_text()
+    blocks = re.findall(r'```(toml|yaml|python)\n(.*?)```', doc, re.DOTALL)
+    assert [kind for kind, _ in blocks].count('toml') >= 4
+    loaded = []
+    for i, (kind, text) in enumerate(blocks):
+        if kind != 'python':  # The Python example imports the user's model.
+            loaded.append(load_rules_file(write(tmp_path, text, f'example{i}.{kind}')))
+            assert loaded[-1].rules or loaded[-1].merge or loaded[-1].target, text
+    assert loaded[0].rules == loaded[1].rules and len(loaded[0].rules) == 4  # TOML, then YAML
