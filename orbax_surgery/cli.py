@@ -115,6 +115,7 @@ example:
 _UNITS = {'': 1, 'B': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 _UNITS |= {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12}
 _UNITS |= {'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
+_DEFAULT_BUDGET = format_bytes(DEFAULT_MAX_INFLIGHT_BYTES).replace('.0 ', ' ')
 _PARTIAL = '.converting-'
 _REPLACED = '.replaced-'
 
@@ -172,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = command('convert', 'run the surgery and write the result', _CONVERT_HELP)
     _source_arguments(convert)
-    convert.add_argument('dst', metavar='DST', help='where to write (must not exist)')
+    convert.add_argument('dst', metavar='DST', help='where to write (new, unless --overwrite)')
     convert.add_argument(
         '--to',
         choices=('orbax', 'safetensors'),
@@ -184,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         default=None,
         metavar='SIZE',
-        help=f'host memory for data in flight (default 128M); {_SIZE_HELP}',
+        help=f'host memory for data in flight (default {_DEFAULT_BUDGET}); {_SIZE_HELP}',
     )
     convert.add_argument(
         '--max-shard-size',
@@ -248,7 +249,7 @@ def _use_cpu() -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     _use_cpu()
-    description = describe(args.path, step=args.step)
+    description = describe(os.path.abspath(args.path), step=args.step)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0
 
@@ -266,7 +267,7 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
     target = rules_file.target
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
-    src = item_path(args.src, step=args.step, item=args.item)
+    src = item_path(os.path.abspath(args.src), step=args.step, item=args.item)
     source, rules = rules_file.compose(open_source(src), target)
     return resolve(source.arrays, target, rules), source, target, rules
 

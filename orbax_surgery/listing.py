@@ -8,6 +8,7 @@ every command can take a manager root.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,14 +21,17 @@ from orbax_surgery.keys import SEP, did_you_mean
 from orbax_surgery.report import format_bytes
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
+_PEFT_CONFIG = 'adapter_config.json'
+_PEFT_SETTINGS = ('r', 'lora_alpha', 'use_rslora', 'target_modules', 'base_model_name_or_path')
 
 
 def describe(path: epath.PathLike, *, step: int | None = None) -> dict[str, Any]:
     """What `path` holds, from metadata alone, as a JSON-ready dict.
 
     `path` is an Orbax checkpoint item, a step directory of items, a
-    `CheckpointManager` directory (its latest step, or `step`), or Hugging Face
-    safetensors (a file, or a directory with `model.safetensors` or an index).
+    `CheckpointManager` directory (its latest step, or `step`), Hugging Face
+    safetensors (a file, or a directory with `model.safetensors` or an index),
+    or a PEFT adapter directory.
 
     Example:
         >>> import tempfile, numpy as np, orbax.checkpoint as ocp
@@ -41,6 +45,9 @@ def describe(path: epath.PathLike, *, step: int | None = None) -> dict[str, Any]
     from orbax_surgery.safetensors import is_safetensors
 
     path = epath.Path(path)
+    if (path / _PEFT_CONFIG).exists():
+        _no_choice(path, step=step, item=None)
+        return _peft(path)
     if is_safetensors(path) or (path / '_METADATA').exists() or not path.is_dir():
         _no_choice(path, step=step, item=None)
         return _safetensors(path) if is_safetensors(path) else _item(path)
@@ -123,7 +130,11 @@ def _item_text(d: Mapping[str, Any]) -> str:
     if d['kind'] == 'other':
         return f'{d["path"]}: not an Orbax PyTree item; files: {", ".join(d["files"])}'
     total = format_bytes(d['bytes'])
-    if d['kind'] == 'safetensors':
+    if d['kind'] == 'peft':
+        head = f'PEFT adapter {d["path"]}: {len(d["arrays"])} tensors, {total}'
+        settings = {k: d['config'][k] for k in _PEFT_SETTINGS if k in d['config']}
+        head += '\n  ' + ', '.join(f'{k}={v!r}' for k, v in settings.items())
+    elif d['kind'] == 'safetensors':
         files = len(d['files'])
         head = f'Safetensors checkpoint {d["path"]}: {len(d["arrays"])} tensors, {total}'
         head += f' in {files} file{"s" if files != 1 else ""}'
@@ -239,6 +250,15 @@ def _safetensors(path: epath.Path) -> dict[str, Any]:
         'arrays': arrays,
         'bytes': sum(a['bytes'] for a in arrays),
     }
+
+
+def _peft(path: epath.Path) -> dict[str, Any]:
+    """A PEFT adapter directory: its config, and its tensors under their file's names."""
+    from orbax_surgery.lora.peft import WEIGHTS_FILE
+
+    out = _safetensors(path / WEIGHTS_FILE)
+    config = json.loads((path / _PEFT_CONFIG).read_text())
+    return {**out, 'kind': 'peft', 'path': str(path), 'config': config}
 
 
 def _items(step_dir: epath.Path) -> list[str]:

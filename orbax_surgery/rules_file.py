@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -157,7 +158,7 @@ def load_rules_file(path: epath.PathLike) -> RulesFile:
         >>> load_rules_file(path).rules
         (Rename(pattern='params/(.*)', replacement='\\1'), Drop(pattern='opt_state/.*'))
     """
-    path = epath.Path(path)
+    path = epath.Path(os.path.abspath(path))
     if not path.is_file():
         siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
         near = did_you_mean(path.name, siblings)

@@ -19,12 +19,12 @@ from orbax_surgery import cli
 from orbax_surgery.safetensors import write_file
 
 
-def run(*args, env=None):
+def run(*args, env=None, cwd=None):
     exe = shutil.which('orbax-surgery')
     cmd = [exe, *args] if exe else [sys.executable, '-m', 'orbax_surgery.cli', *args]
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [str(a) for a in cmd], capture_output=True, text=True, timeout=300, env=full_env
+        [str(a) for a in cmd], capture_output=True, text=True, timeout=300, env=full_env, cwd=cwd
     )
 
 
@@ -343,16 +343,10 @@ def test_an_interrupted_convert_leaves_no_destination_and_a_rerun_works(tmp_path
 
 
 def test_convert_merges_lora_adapters_and_plans_a_peft_merge(root, hf_dir, tmp_path):
-    rules = write(
-        tmp_path / 'merge.toml',
-        f"""
-        [[rules]]
-        drop = 'opt_state/.*|step'
-        [[rules]]
-        lora = '{root / '5' / 'adapters'}'
-        """,
-    )
-    ok(run('convert', root, tmp_path / 'merged', '--rules', rules, '--item', 'default'))
+    (tmp_path / 'adapters').symlink_to(root / '5' / 'adapters')
+    rules = "[[rules]]\ndrop = 'opt_state/.*|step'\n[[rules]]\nlora = 'adapters'\n"
+    write(tmp_path / 'merge.toml', rules)  # Paths relative to the working directory and the file.
+    ok(run('convert', root, 'merged', '--rules', 'merge.toml', '--item', 'default', cwd=tmp_path))
     tree = restored(tmp_path / 'merged')
     want = SCANNED['params']['embed']['embedding'] + 2 * LORA_A @ LORA_B
     np.testing.assert_allclose(tree['params']['embed']['embedding'], want, rtol=1e-6)
@@ -371,6 +365,8 @@ def test_convert_merges_lora_adapters_and_plans_a_peft_merge(root, hf_dir, tmp_p
         {f'base_model.model.model.layers.0.q_proj.{k}': v for k, v in factors.items()},
     )
     (peft / 'adapter_config.json').write_text(json.dumps({'r': 2, 'lora_alpha': 3}))
+    out = ok(run('inspect', peft)).stdout
+    assert out.startswith(f'PEFT adapter {peft}: 2 tensors, 192 B\n  r=2, lora_alpha=3\n')
     rules = write(tmp_path / 'peft.yaml', 'rules:\n  - lora: peft\n')
     out = ok(run('plan', hf_dir, '--rules', rules)).stdout
     assert 'model/layers/0/q_proj/weight  (16, 8)' in out and ' + 1.5 * ' in out
