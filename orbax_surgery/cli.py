@@ -25,7 +25,7 @@ from orbax_surgery.handler import SurgeryCheckpointHandler, SurgerySave
 from orbax_surgery.keys import PyTree, nest
 from orbax_surgery.listing import describe, format_description, item_path
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES
-from orbax_surgery.plan import Plan, resolve
+from orbax_surgery.plan import Plan, Step, resolve
 from orbax_surgery.python_rules import load_target
 from orbax_surgery.report import format_bytes, format_plan, plan_summary
 from orbax_surgery.rules import Rule
@@ -297,11 +297,21 @@ def _convert(args: argparse.Namespace) -> int:
     partial = dst.parent / f'{dst.name}{_PARTIAL}{secrets.token_hex(4)}'
     dst.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    total = sum(_nbytes(step) for step in plan.steps)
     try:
-        if args.to == 'orbax':
-            total = _write_orbax(partial, source, target, rules, budget, args.quiet)
-        else:
-            total = _write_safetensors(partial, source, target, rules, budget, args)
+        with _progress(total, args.quiet) as advance:
+            if args.to == 'orbax':
+                _write_orbax(partial, source, target, rules, budget, advance)
+            else:
+                save_safetensors(
+                    source,
+                    partial,
+                    target=target,
+                    rules=rules,
+                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                    max_inflight_bytes=budget,
+                    progress=advance,
+                )
         _finalize(partial, dst)
     except BaseException:
         for leftover in dst.parent.glob(f'{partial.name}*'):
@@ -322,41 +332,18 @@ def _write_orbax(
     target: PyTree,
     rules: Sequence[Rule],
     budget: int,
-    quiet: bool,
-) -> int:
-    """Writes an Orbax checkpoint item at `path` (Orbax's own temporary directory, then
-    renamed); returns the bytes written."""
+    advance: Callable[[int], None],
+) -> None:
+    """Writes an Orbax checkpoint item at `path`, a budget's worth of leaves at a time.
+
+    Orbax writes into a temporary directory of its own and renames it `path`.
+    """
     args = SurgerySave(item=source, rules=rules, target=target, max_inflight_bytes=budget)
     assert args.planned is not None, 'a target is given, so the save is planned'
-    total = args.planned.nbytes
-    with _progress(total, quiet) as advance:
-        args.planned = dataclasses.replace(args.planned, on_bytes=advance)
-        with ocp.Checkpointer(SurgeryCheckpointHandler()) as checkpointer:
-            checkpointer.save(path, args=args)
-    return total
-
-
-def _write_safetensors(
-    path: epath.Path,
-    source: ArraySource,
-    target: PyTree,
-    rules: Sequence[Rule],
-    budget: int,
-    args: argparse.Namespace,
-) -> int:
-    """Writes safetensors shards into the directory `path`; returns the bytes written."""
-    total = sum(_nbytes(step) for step in resolve(source.arrays, target, rules).steps)
-    with _progress(total, args.quiet) as advance:
-        save_safetensors(
-            source,
-            path,
-            target=target,
-            rules=rules,
-            max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-            max_inflight_bytes=budget,
-            progress=advance,
-        )
-    return total
+    # SurgerySave takes no progress callback; the plan it made carries one.
+    args.planned = dataclasses.replace(args.planned, on_bytes=advance)
+    with ocp.Checkpointer(SurgeryCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=args)
 
 
 @contextmanager
@@ -388,8 +375,9 @@ def _progress(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
         bar.update(task, completed=total)
 
 
-def _nbytes(step) -> int:
+def _nbytes(step: Step) -> int:
     leaf = step.target
+    assert leaf.dtype is not None, f'unresolved {leaf.key!r}'
     return math.prod(leaf.shape or ()) * leaf.dtype.itemsize
 
 
