@@ -77,33 +77,25 @@ class LoraMerge:
         """The base and the adapters as one source, and the rules that merge them."""
         # The same composition as `LoraRestore`'s (lora.checkpoint.plan_adapters), with
         # rules after the merge too, so that a merged model can be exported.
-        from orbax_surgery.lora.checkpoint import (
-            _TargetSpelling,
-            _Within,
-            read_lora_layout,
-        )
-        from orbax_surgery.lora.merge import MergeAdapters
-        from orbax_surgery.lora.peft import CONFIG_FILE, WEIGHTS_FILE, _PeftTensors
+        from orbax_surgery.lora.checkpoint import merge_rules, read_lora_layout
+        from orbax_surgery.lora.peft import CONFIG_FILE
         from orbax_surgery.lora.peft import read_peft_adapter as read_peft
-        from orbax_surgery.safetensors import SafetensorsCheckpoint
         from orbax_surgery.sources import Namespaced, OrbaxCheckpoint
 
         adapters: ArraySource
         adapter_rules: list[Rule] = []
         if (self.adapters / CONFIG_FILE).exists():
             peft = read_peft(self.adapters, base=source, target=target, base_rules=before)
-            adapters = SafetensorsCheckpoint(self.adapters / WEIGHTS_FILE)
-            adapter_rules.append(_PeftTensors(peft, with_base=True))
+            adapters = peft.source
+            adapter_rules = peft.tensor_rules()
             layout = peft.layout
         else:
             adapters = OrbaxCheckpoint(self.adapters)
             layout = read_lora_layout(self.adapters)
         both = Namespaced({'base': source, 'adapters': adapters})
-        rules: list[Rule] = [
-            _Within('base', tuple(before)),
-            _Within('adapters', adapter_rules, wins=True),
-            MergeAdapters(layout, sign=1 if self.mode == 'merge' else -1),
-            _TargetSpelling(),
+        sign = 1 if self.mode == 'merge' else -1
+        rules = [
+            *merge_rules(layout, base_rules=before, adapter_rules=adapter_rules, sign=sign),
             *after,
         ]
         return both, tuple(rules)

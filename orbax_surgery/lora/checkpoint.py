@@ -310,21 +310,43 @@ def plan_adapters(
         within = _Within('adapters', adapter_rules)
         return resolve(alone.arrays, target, [within, _TargetSpelling()]), alone, _same
     source = Namespaced({'base': base, 'adapters': adapters})
-    rules: list[Rule] = [
-        _Within('base', normalize_rules(base_rules)),
-        _Within('adapters', adapter_rules, wins=True),
-    ]
     finish: Callable[[PyTree], Any] = _same
     if mode in ('merge', 'unmerge'):
-        rules.append(MergeAdapters(layout, sign=1 if mode == 'merge' else -1))
+        sign = 1 if mode == 'merge' else -1
+        rules = merge_rules(layout, base_rules=base_rules, adapter_rules=adapter_rules, sign=sign)
         if target is not None:
             _reject_adapter_keys(target, layout)
     else:
+        rules = [
+            _Within('base', normalize_rules(base_rules)),
+            _Within('adapters', adapter_rules, wins=True),
+            _TargetSpelling(),
+        ]
         target = _with_adapters(target, layout)
         if mode == 'split':
             finish = layout.split
-    plan = resolve(source.arrays, target, [*rules, _TargetSpelling()])
-    return plan, source, finish
+    return resolve(source.arrays, target, rules), source, finish
+
+
+def merge_rules(
+    layout: LoraLayout,
+    *,
+    base_rules: Rules = (),
+    adapter_rules: Sequence[Rule] = (),
+    sign: int = 1,
+) -> list[Rule]:
+    """Rules that merge adapters into a base, over `Namespaced({'base': ..., 'adapters': ...})`.
+
+    The base's keys go through `base_rules`, the adapters' through
+    `adapter_rules`; then every adapted weight becomes `W + sign * scale * A @ B`.
+    Rules appended after these see the merged weights (e.g. `to_pytorch()`).
+    """
+    return [
+        _Within('base', normalize_rules(base_rules)),
+        _Within('adapters', adapter_rules, wins=True),
+        MergeAdapters(layout, sign=sign),
+        _TargetSpelling(),
+    ]
 
 
 def restore_planned(prepared: Prepared, max_inflight_bytes: int) -> PyTree:

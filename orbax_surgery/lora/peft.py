@@ -203,8 +203,17 @@ class PeftAdapter:
             target=target,
             mode=mode,
             base_rules=self._rules,
-            adapter_rules=[_PeftTensors(self, with_base=self._base is not None)],
+            adapter_rules=self.tensor_rules(with_base=self._base is not None),
         )
+
+    @property
+    def source(self) -> ArraySource:
+        """The adapter's `adapter_model.safetensors`, opened."""
+        return self._source
+
+    def tensor_rules(self, *, with_base: bool = True) -> list[Rule]:
+        """Rules that turn the PEFT tensors into the layout's A and B keys (see `merge_rules`)."""
+        return [_PeftTensors(self, with_base=with_base)]
 
     def _base_entries(self) -> dict[KeyPath, Entry]:
         """The base's keys for the rules to see: the base's own, or stand-ins."""
