@@ -11,6 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import os
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
@@ -67,7 +68,7 @@ class OrbaxCheckpoint:
     """
 
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
-        self.directory = _checked_directory(epath.Path(directory))
+        self.directory = _checked_directory(epath.Path(os.path.abspath(directory)))
         metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory)
         self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
         flat, _ = flatten(metadata.tree)

@@ -131,3 +131,9 @@ def test_a_one_element_backward_slice_reads_one_element(tmp_path):
             args=osurg.SurgeryRestore(target={'w': ...}, rules=[osurg.Slice('w', np.s_[0::-1])]),
         )
     np.testing.assert_array_equal(restored['w'], value[0::-1])
+
+
+def test_a_relative_orbax_path_is_opened(tmp_path, monkeypatch):
+    save(tmp_path / 'ckpt', {'w': np.arange(3.0)})
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(osurg.restore('ckpt')['w'], np.arange(3.0))
