@@ -3,7 +3,6 @@ r"""The `orbax-surgery` command line: inspect, plan and convert checkpoints, and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -338,10 +337,9 @@ def _write_orbax(
 
     Orbax writes into a temporary directory of its own and renames it `path`.
     """
-    args = SurgerySave(item=source, rules=rules, target=target, max_inflight_bytes=budget)
-    assert args.planned is not None, 'a target is given, so the save is planned'
-    # SurgerySave takes no progress callback; the plan it made carries one.
-    args.planned = dataclasses.replace(args.planned, on_bytes=advance)
+    args = SurgerySave(
+        item=source, rules=rules, target=target, max_inflight_bytes=budget, progress=advance
+    )
     with ocp.Checkpointer(SurgeryCheckpointHandler()) as checkpointer:
         checkpointer.save(path, args=args)
 

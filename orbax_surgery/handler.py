@@ -9,7 +9,7 @@ on checkpoints written by plain `StandardSave` or `PyTreeSave`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -152,6 +152,8 @@ class SurgerySave(ocp.args.CheckpointArgs):
         layer_axes: `{key regex: layer axis}` of saved stacked arrays to store
             one layer per chunk, so later single-layer reads read only it.
         custom_metadata: JSON-serializable metadata stored with the tree.
+        progress: With rules, called with the bytes of each block computed
+            (`planned.nbytes` in all), e.g. to drive a progress bar.
         max_inflight_bytes: Host bytes of converted leaves computed at once.
         planned: The checked plan, made when the args are built, so that bad
             rules raise there, before Orbax starts a checkpoint.
@@ -178,6 +180,7 @@ class SurgerySave(ocp.args.CheckpointArgs):
     layer_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     custom_metadata: dict[str, Any] | None = None
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    progress: Callable[[int], None] | None = dataclasses.field(default=None, compare=False)
     planned: PlannedSave | None = dataclasses.field(
         init=False, default=None, repr=False, compare=False
     )
@@ -190,9 +193,8 @@ class SurgerySave(ocp.args.CheckpointArgs):
         check_budget(self.max_inflight_bytes)
         # Planned here, so bad rules or save args fail before Orbax starts a checkpoint.
         if self.rules or self.target is not None:
-            self.planned = plan_save(
-                self.item, self.target, self.rules, self.save_args, self.layer_axes
-            )
+            planned = plan_save(self.item, self.target, self.rules, self.save_args, self.layer_axes)
+            self.planned = dataclasses.replace(planned, on_bytes=self.progress)
         elif self.layer_axes:
             self.store_args = with_layer_chunks(self.save_args, self.item, self.layer_axes)
         else:

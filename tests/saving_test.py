@@ -175,3 +175,14 @@ def test_save_args_follow_the_saved_tree(tmp_path, mesh8):
     out = plain_restore(tmp_path / 'c')
     assert out['kernel'].dtype == np.dtype('bfloat16')
     np.testing.assert_array_equal(out['b'], item['b'])
+
+
+def test_progress_reports_every_byte_saved(tmp_path):
+    unrolled = {f'layers_{i}': {'w': random_array((8, 16), seed=i)} for i in range(3)}
+    done = []
+    args = osurg.SurgerySave(
+        item=unrolled, rules=[osurg.Stack(r'layers_{i}/(.*)', r'layers/\1')], progress=done.append
+    )
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        ckptr.save(tmp_path / 'c', args=args)
+    assert sum(done) == args.planned.nbytes == 3 * 8 * 16 * 4
