@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from orbax_surgery.atomic import move_into_place
 from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.export import DEFAULT_MAX_SHARD_SIZE, save_safetensors
 from orbax_surgery.handler import SurgeryCheckpointHandler, SurgerySave
@@ -311,7 +312,7 @@ def _convert(args: argparse.Namespace) -> int:
                     max_inflight_bytes=budget,
                     progress=advance,
                 )
-        _finalize(partial, dst)
+        move_into_place(partial, dst, aside=_REPLACED)
     except BaseException:
         for leftover in dst.parent.glob(f'{partial.name}*'):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -388,24 +389,6 @@ def _remove_leftovers(dst: epath.Path, *, quiet: bool) -> None:
             shutil.rmtree(leftover)
         else:
             leftover.unlink()
-
-
-def _finalize(partial: epath.Path, dst: epath.Path) -> None:
-    """Moves the complete result into place; an old `dst` goes only after."""
-    if not os.path.lexists(dst):
-        os.rename(partial, dst)
-        return
-    aside = dst.parent / f'{dst.name}{_REPLACED}{secrets.token_hex(4)}'
-    os.rename(dst, aside)
-    try:
-        os.rename(partial, dst)
-    except BaseException:
-        os.rename(aside, dst)
-        raise
-    if os.path.isdir(aside) and not os.path.islink(aside):
-        shutil.rmtree(aside)
-    else:
-        os.remove(aside)
 
 
 def _demo(directory: str | None, devices: int) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from orbax_surgery import regions
+from orbax_surgery.atomic import move_into_place
 from orbax_surgery.errors import DestinationExistsError, SourceReadError, SurgeryError
 from orbax_surgery.expr import Source
 from orbax_surgery.keys import KeyPath, PyTree
@@ -181,7 +182,7 @@ def save_safetensors(
         _sync('orbax_surgery.export.written')
         if jax.process_index() == 0:
             _write_index(tmp, layout)
-            _finalize(tmp, directory)
+            move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -625,25 +626,3 @@ def _write_index(directory: epath.Path, layout: _Layout) -> None:
     with open(directory / INDEX_FILE, 'w') as f:
         f.write(json.dumps(index, indent=2) + '\n')
         os.fsync(f.fileno())
-
-
-def _finalize(tmp: epath.Path, directory: epath.Path) -> None:
-    """Renames the complete export into place; an old destination goes only after."""
-    if not os.path.lexists(directory):
-        os.rename(tmp, directory)
-        return
-    aside = directory.parent / f'{directory.name}.old-{secrets.token_hex(4)}'
-    os.rename(directory, aside)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(aside, directory)
-        raise
-    try:
-        if os.path.isdir(aside) and not os.path.islink(aside):
-            shutil.rmtree(aside)
-        else:
-            os.remove(aside)
-    except OSError as e:
-        e.add_note(f'The export is complete at {directory}; the old copy is left at {aside}.')
-        raise
