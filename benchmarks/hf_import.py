@@ -71,6 +71,7 @@ from measuring import (
     PeakRss,
     free_port,
     io_counters,
+    join_job,
     run_processes,
     shard_bytes,
     summarize,
@@ -300,20 +301,16 @@ def _restore(
 ) -> dict:
     import jax
 
-    jax.config.update('jax_num_cpu_devices', DEVICES)
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=PROCESSES, process_id=pid)
+    mesh = join_job(port, pid, PROCESSES, DEVICES)
 
     import numpy as np
     from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import orbax_surgery as osurg
     from orbax_surgery.keys import flatten, nest
 
-    devices = sorted(jax.devices(), key=lambda dev: (dev.process_index, dev.id))
-    mesh = Mesh(np.array(devices), ('x',))
     flax, torch, key_of = {}, {}, {}
     for name, shape in tensors.items():
         key, flax_shape, spec = _flax(name, shape, layout)

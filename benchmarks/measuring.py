@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 
 def worker_env(blas_threads: int | None = None) -> dict[str, str]:
@@ -161,3 +162,19 @@ def run_processes(cmd: list[str], processes: int, label: str, timeout_s: float) 
         if p.returncode:
             sys.exit(f'{label}: process {pid} failed:\n{out[-6000:]}')
     return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def join_job(port: int, process_id: int, processes: int, devices: int) -> Any:
+    """Joins a `jax.distributed` job on loopback (gloo, `devices` CPU devices here).
+
+    Returns a one-axis mesh ('x',) over every device of the job, process by process.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    jax.config.update('jax_num_cpu_devices', devices)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=processes, process_id=process_id)
+    ordered = sorted(jax.devices(), key=lambda dev: (dev.process_index, dev.id))
+    return Mesh(np.array(ordered), ('x',))

@@ -38,6 +38,7 @@ from incompressible import random_float32
 from measuring import (
     PeakRss,
     free_port,
+    join_job,
     run_processes,
     shard_bytes,
     summarize,
@@ -239,21 +240,17 @@ def _restore(
 ) -> dict:
     import jax
 
-    jax.config.update('jax_num_cpu_devices', DEVICES)
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=PROCESSES, process_id=pid)
+    mesh = join_job(port, pid, PROCESSES, DEVICES)
 
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import orbax_surgery as osurg
     from orbax_surgery.keys import flatten, nest
 
-    devices = sorted(jax.devices(), key=lambda dev: (dev.process_index, dev.id))
-    mesh = Mesh(np.array(devices), ('x',))
     scanned, unrolled, layer_sharding = {}, {}, {}
     for key, (shape, spec) in params.items():
         scanned[key] = jax.ShapeDtypeStruct(
