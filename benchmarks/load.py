@@ -1,6 +1,6 @@
 """Eight processes restore one checkpoint at once: plain Orbax vs SurgeryRestore.
 
-The checkpoint holds 4 float32 arrays saved sharded by rows on 8 devices. All
+The checkpoint holds 4 incompressible float32 arrays saved sharded by rows on 8 devices. All
 processes start together; each restores every array renamed and sharded by
 rows on its own 8 fake CPU devices, checks the values, and reports its wall
 time, peak RSS over its RSS just before restoring, and bytes TensorStore read.
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from incompressible import random_float32
 from measuring import PeakRss, summarize, tensorstore_bytes_read, worker_env
 
 ARRAYS, COLS = 4, 1024
@@ -81,13 +82,8 @@ def _setup_jax() -> None:
 
 
 def _values(mib: float) -> dict:
-    import numpy as np
-
     rows = max(8, int(mib * 2**20 / (ARRAYS * COLS * 4)) // 8 * 8)
-    base = np.arange(rows * COLS, dtype=np.int64).reshape(rows, COLS) % 65521
-    return {
-        f'layer_{i}': {'kernel': (base + 100_000 * i).astype(np.float32)} for i in range(ARRAYS)
-    }
+    return {f'layer_{i}': {'kernel': random_float32(i, (rows, COLS))} for i in range(ARRAYS)}
 
 
 def _sharding():
