@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
@@ -69,7 +70,7 @@ class OrbaxCheckpoint:
 
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory = _checked_directory(epath.Path(os.path.abspath(directory)))
-        metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory)
+        metadata = _read_metadata(self.directory)
         self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
         flat, _ = flatten(metadata.tree)
         self._use_zarr3 = bool(getattr(metadata, 'use_zarr3', False))
@@ -107,7 +108,8 @@ class OrbaxCheckpoint:
             return await ts.open(spec, context=self._context, open=True, read=True)
         except ValueError as e:
             raise SourceReadError(
-                f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}: {e}'
+                f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}: '
+                f'{ts_reason(e)}'
             ) from e
 
     async def read(self, source: Source, region: Region) -> np.ndarray:
@@ -122,16 +124,24 @@ class OrbaxCheckpoint:
         try:
             await ts.array(block).write(self._stores[source.key][index])
         except ValueError as e:
+            where = _ocdbt_value_file(self.directory, ts_reason(e)) if self._use_ocdbt else ''
             raise SourceReadError(
                 f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
-                f'checkpoint is damaged or unreadable: {e}'
+                f'checkpoint is damaged or unreadable: {ts_reason(e)}{where}'
             ) from e
         return np.flip(block, flips) if flips else block
 
     def _string(self, key: KeyPath) -> Any:
-        if self._strings is None:
-            self._strings = json.loads((self.directory / '_strings.json').read_text())
-        return self._strings[self._names[key]]
+        file = self.directory / '_strings.json'
+        try:
+            if self._strings is None:
+                self._strings = json.loads(file.read_text())
+            return self._strings[self._names[key]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SourceReadError(
+                f'Reading the string {key!r} from {file} failed; the file is damaged or '
+                f'unreadable: {type(e).__name__}: {e}'
+            ) from e
 
 
 class TreeSource:
@@ -195,6 +205,84 @@ class Namespaced:
     async def read(self, source: Source, region: Region) -> np.ndarray:
         inner_source, inner = self._inner(source.key)
         return await inner_source.read(dataclasses.replace(source, key=inner), region)
+
+
+def ts_reason(error: BaseException) -> str:
+    """A TensorStore error's message without the spec it appends (the file names stay)."""
+    return str(error).split(' [tensorstore_spec=', 1)[0].split(' [source locations=', 1)[0]
+
+
+def _ocdbt_value_file(directory: epath.Path, reason: str) -> str:
+    """Where OCDBT keeps the chunk an error names (` (stored in FILE, bytes a..b)`), or ''.
+
+    TensorStore names the chunk's key in the database, not the data file that
+    holds it; its b-tree says which. Looked up only for a message, so at most
+    a few hundred nodes are read and any failure gives ''.
+    """
+    match = re.search(r'Error reading "([^"]+)" in OCDBT database', reason)
+    if not match:
+        return ''
+    wanted = match[1].encode()
+    try:
+        kvstore = ts.KvStore.open(f'file://{directory}/').result()
+        todo = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
+        for _ in range(256):
+            if not todo:
+                break
+            for entry in ts.ocdbt.dump(kvstore, todo.pop()).result().get('entries', []):
+                if str(entry.get('location', '')).startswith('btreenode::'):
+                    todo.append(entry['location'])
+                value = str(entry.get('indirect_value', ''))
+                if entry.get('key') == wanted and value.startswith('value:'):
+                    prefix, file, start, length = value[len('value:') :].rsplit(':', 3)
+                    end = int(start) + int(length)
+                    return f' (stored in {directory / prefix / file}, bytes {start}..{end})'
+    except (ValueError, KeyError, TypeError, IndexError):
+        pass
+    return ''
+
+
+def _read_metadata(directory: epath.Path) -> Any:
+    """Orbax's metadata of the item at `directory`, or an error naming the damaged file and key.
+
+    Orbax reads `_METADATA` (the tree), `_sharding` and each array's zarr
+    metadata; any of them damaged raises here, before a plan is made.
+    """
+    tree_file = directory / '_METADATA'
+    try:
+        tree = json.loads(tree_file.read_text())
+        if not isinstance(tree, dict) or not isinstance(tree.get('tree_metadata'), dict):
+            raise ValueError('it holds no "tree_metadata" object')
+    except (OSError, ValueError) as e:
+        raise SourceReadError(
+            f'{tree_file} is damaged or unreadable, so the arrays of {directory} are unknown: '
+            f'{type(e).__name__}: {e}'
+        ) from e
+    try:
+        return ocp.PyTreeCheckpointHandler().metadata(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = ts_reason(e)
+        keys = {
+            '.'.join(str(k['key']) for k in entry.get('key_metadata', ())): '/'.join(
+                str(k['key']) for k in entry.get('key_metadata', ())
+            )
+            for entry in tree['tree_metadata'].values()
+            if isinstance(entry, dict)
+        }
+        if '_sharding' in reason:
+            what = f'its {directory / "_sharding"} file (the saved shardings) is damaged'
+        else:
+            match = re.search(r'"([^"]+?)/(?:\.zarray|zarr\.json)"', reason)
+            name = match[1].rsplit('/', 1)[-1] if match else None
+            key = keys.get(name) if name else None
+            what = (
+                f'the metadata of {key!r} (stored as {name!r}) cannot be read'
+                if key
+                else "an array's metadata cannot be read"
+            )
+        raise SourceReadError(
+            f'Opening {directory} failed: {what}; the checkpoint is damaged or unreadable: {reason}'
+        ) from e
 
 
 def key_region(key: KeyPath, region: Region) -> str:
