@@ -99,7 +99,15 @@ class SafetensorsCheckpoint:
         self.bytes_read = 0
         files, expected = _files(self.path)
         for file in files:
-            header, data_start = _read_header(file)
+            try:
+                header, data_start = _read_header(file)
+            except SourceReadError as e:
+                held = [n for n, f in expected.items() if f == file]
+                if not held:
+                    raise
+                raise SourceReadError(
+                    f'{e} {INDEX_FILE} says it holds {len(held)} tensors, e.g. {held[0]!r}.'
+                ) from e
             self.metadata[file.name] = header.pop('__metadata__', None) or {}
             for name, info in header.items():
                 source = _source_of(file, name, info, data_start)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -34,6 +34,7 @@ from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
 from orbax_surgery.regions import Region
 
 DEFAULT_CACHE_BYTES = 0
+_STORED = ('jax.Array', 'np.ndarray', 'scalar')
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
@@ -70,22 +71,29 @@ class OrbaxCheckpoint:
 
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.directory = _checked_directory(epath.Path(os.path.abspath(directory)))
-        metadata = _read_metadata(self.directory)
-        self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
-        flat, _ = flatten(metadata.tree)
-        self._use_zarr3 = bool(getattr(metadata, 'use_zarr3', False))
+        tree = _tree_file(self.directory)
+        self._use_zarr3 = bool(tree.get('use_zarr3', False))
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
-        self._names: dict[KeyPath, str] = {}
-        self._strings: dict[str, Any] | None = None
-        self.arrays: dict[KeyPath, Source] = {}
-        for key, meta in flat.items():
-            self._names[key] = meta.name
-            self.arrays[key] = _source(key, meta)
+        self._ocdbt_saved = bool(tree.get('use_ocdbt', self._use_ocdbt))
         base = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
         self._context = ts.Context(
             ts.Context.Spec({'cache_pool': {'total_bytes_limit': cache_bytes}}), parent=base
         )
         self._stores: dict[KeyPath, ts.TensorStore] = {}
+        self._names: dict[KeyPath, str] = _stored_names(tree)
+        # Orbax's metadata reader opens every array too, but stops at the first failure
+        # and leaves the rest running; opened here first, each failure is named.
+        self._open_now(list(self._names))
+        metadata = _orbax_metadata(self.directory)
+        self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
+        flat, _ = flatten(metadata.tree)
+        self._strings: dict[str, Any] | None = None
+        self.arrays: dict[KeyPath, Source] = {}
+        for key, meta in flat.items():
+            if self._names.get(key) != meta.name:
+                self._stores.pop(key, None)  # Named otherwise than assumed: opened on use.
+            self._names[key] = meta.name
+            self.arrays[key] = _source(key, meta)
 
     def __repr__(self):
         return f'OrbaxCheckpoint({str(self.directory)!r}, {len(self.arrays)} arrays)'
@@ -95,7 +103,7 @@ class OrbaxCheckpoint:
         stores = await asyncio.gather(*(self._open_one(k) for k in todo))
         self._stores.update(zip(todo, stores, strict=True))
 
-    async def _open_one(self, key: KeyPath) -> ts.TensorStore:
+    def _start_open(self, key: KeyPath) -> ts.Future:
         info = ocp.type_handlers.ParamInfo(
             name=self._names[key],
             parent_dir=self.directory,
@@ -104,13 +112,37 @@ class OrbaxCheckpoint:
             ts_context=self._context,
         )
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+        return ts.open(spec, context=self._context, open=True, read=True)
+
+    async def _open_one(self, key: KeyPath) -> ts.TensorStore:
         try:
-            return await ts.open(spec, context=self._context, open=True, read=True)
+            return await _awaited(self._start_open(key))
         except ValueError as e:
-            raise SourceReadError(
-                f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}: '
-                f'{ts_reason(e)}'
-            ) from e
+            raise self._open_error(key, e) from e
+
+    def _open_now(self, keys: Sequence[KeyPath]) -> None:
+        """Opens `keys` (all at once), waiting for every one; raises for the first failed."""
+        started = [(key, self._start_open(key)) for key in keys]
+        failed: list[tuple[KeyPath, ValueError]] = []
+        for key, future in started:
+            try:
+                self._stores[key] = future.result()
+            except ValueError as e:
+                failed.append((key, e))
+        if failed:
+            key, error = failed[0]
+            more = f' ({len(failed) - 1} more arrays fail to open too.)' if len(failed) > 1 else ''
+            raise self._open_error(key, error, more) from error
+
+    def _open_error(self, key: KeyPath, error: ValueError, more: str = '') -> SourceReadError:
+        manifest = self.directory / 'manifest.ocdbt'
+        hint = ''
+        if self._ocdbt_saved and not manifest.is_file():
+            hint = f'its OCDBT manifest {manifest}, which indexes all arrays, is missing: '
+        return SourceReadError(
+            f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}; the '
+            f'checkpoint is damaged or unreadable: {hint}{ts_reason(error)}{more}'
+        )
 
     async def read(self, source: Source, region: Region) -> np.ndarray:
         if source.dtype == object:
@@ -122,7 +154,7 @@ class OrbaxCheckpoint:
         # Like Orbax: TensorStore copies chunks straight into a buffer we own.
         block = np.empty(regions.shape_of(ascending), source.dtype)
         try:
-            await ts.array(block).write(self._stores[source.key][index])
+            await _awaited(ts.array(block).write(self._stores[source.key][index]).commit)
         except ValueError as e:
             where = _ocdbt_value_file(self.directory, ts_reason(e)) if self._use_ocdbt else ''
             raise SourceReadError(
@@ -207,6 +239,37 @@ class Namespaced:
         return await inner_source.read(dataclasses.replace(source, key=inner), region)
 
 
+def _awaited(future: ts.Future) -> asyncio.Future:
+    """A TensorStore future as an asyncio one that tolerates its loop closing first.
+
+    When one read of a restore fails, the others are cancelled and the loop
+    closes; TensorStore may still finish them and call back into the closed
+    loop, an error nobody can catch. Here such late results are dropped.
+    """
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future = loop.create_future()
+
+    def settle(done: ts.Future) -> None:
+        if out.done():
+            return
+        if done.cancelled():
+            out.cancel()
+        elif done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            out.set_result(done.result())
+
+    def finished(done: ts.Future) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, done)
+        except RuntimeError:
+            pass  # The loop closed: nobody awaits this result any more.
+
+    future.add_done_callback(finished)
+    out.add_done_callback(lambda o: future.cancel() if o.cancelled() else None)
+    return out
+
+
 def ts_reason(error: BaseException) -> str:
     """A TensorStore error's message without the spec it appends (the file names stay)."""
     return str(error).split(' [tensorstore_spec=', 1)[0].split(' [source locations=', 1)[0]
@@ -242,12 +305,8 @@ def _ocdbt_value_file(directory: epath.Path, reason: str) -> str:
     return ''
 
 
-def _read_metadata(directory: epath.Path) -> Any:
-    """Orbax's metadata of the item at `directory`, or an error naming the damaged file and key.
-
-    Orbax reads `_METADATA` (the tree), `_sharding` and each array's zarr
-    metadata; any of them damaged raises here, before a plan is made.
-    """
+def _tree_file(directory: epath.Path) -> dict[str, Any]:
+    """The item's `_METADATA` (its tree), parsed, or an error naming it."""
     tree_file = directory / '_METADATA'
     try:
         tree = json.loads(tree_file.read_text())
@@ -258,30 +317,31 @@ def _read_metadata(directory: epath.Path) -> Any:
             f'{tree_file} is damaged or unreadable, so the arrays of {directory} are unknown: '
             f'{type(e).__name__}: {e}'
         ) from e
+    return tree
+
+
+def _stored_names(tree: Mapping[str, Any]) -> dict[KeyPath, str]:
+    """Where Orbax stores each array of the tree: its keys joined by '.', by key."""
+    out = {}
+    for entry in tree['tree_metadata'].values():
+        value = entry.get('value_metadata', {}) if isinstance(entry, dict) else {}
+        path = [str(k.get('key')) for k in entry.get('key_metadata', ())] if value else []
+        if path and value.get('value_type') in _STORED and not value.get('skip_deserialize'):
+            out['/'.join(path)] = '.'.join(path)
+    return out
+
+
+def _orbax_metadata(directory: epath.Path) -> Any:
+    """Orbax's metadata of the item (its arrays are known to open), or an error naming the file."""
+    sharding = directory / '_sharding'
     try:
+        if sharding.exists():
+            json.loads(sharding.read_text())
         return ocp.PyTreeCheckpointHandler().metadata(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        reason = ts_reason(e)
-        keys = {
-            '.'.join(str(k['key']) for k in entry.get('key_metadata', ())): '/'.join(
-                str(k['key']) for k in entry.get('key_metadata', ())
-            )
-            for entry in tree['tree_metadata'].values()
-            if isinstance(entry, dict)
-        }
-        if '_sharding' in reason:
-            what = f'its {directory / "_sharding"} file (the saved shardings) is damaged'
-        else:
-            match = re.search(r'"([^"]+?)/(?:\.zarray|zarr\.json)"', reason)
-            name = match[1].rsplit('/', 1)[-1] if match else None
-            key = keys.get(name) if name else None
-            what = (
-                f'the metadata of {key!r} (stored as {name!r}) cannot be read'
-                if key
-                else "an array's metadata cannot be read"
-            )
         raise SourceReadError(
-            f'Opening {directory} failed: {what}; the checkpoint is damaged or unreadable: {reason}'
+            f'Reading the metadata of {directory} failed ({sharding} holds the saved shardings); '
+            f'the checkpoint is damaged or unreadable: {type(e).__name__}: {ts_reason(e)}'
         ) from e
 
 
@@ -350,7 +410,8 @@ def _checked_directory(path: epath.Path) -> epath.Path:
         )
     raise CheckpointNotFoundError(
         f'{path} holds no Orbax PyTree checkpoint (no _METADATA file); was it saved '
-        'with StandardSave or PyTreeSave?'
+        'with StandardSave or PyTreeSave? Nor Hugging Face safetensors (no '
+        'model.safetensors or model.safetensors.index.json).'
     )
 
 
