@@ -36,10 +36,12 @@ The guarantee, exactly:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -155,13 +157,13 @@ class Recorder:
             stored = np.dtype(dtype or value.dtype)
             write_shape = tuple(value.sharding.shard_shape(value.shape))
             block_shape = _block_shape(shape, write_shape, stored, save_args)
-            blocks: dict[BlockId, str] = {}
+            parts: dict[BlockId, np.ndarray] = {}
             for shard in value.addressable_shards:
                 if shard.replica_id != 0:
                     continue  # Orbax writes replica 0 of each shard; so its process hashes it.
                 data = np.asarray(shard.data).astype(stored, copy=False)
                 region = regions.from_index(shard.index, shape)
-                blocks |= _digests(data, region, shape, block_shape)
+                parts |= _blocks(data, region, shape, block_shape)
         else:
             if jax.process_index() != 0:
                 return  # Host values are written by the primary process alone.
@@ -170,8 +172,8 @@ class Recorder:
             shape = tuple(array.shape)
             block_shape = _block_shape(shape, shape, array.dtype, save_args)
             stored = array.dtype
-            blocks = _digests(array, regions.full(shape), shape, block_shape)
-        self.records[key] = Record(shape, stored.name, block_shape, blocks)
+            parts = _blocks(array, regions.full(shape), shape, block_shape)
+        self.records[key] = Record(shape, stored.name, block_shape, _digests(parts))
 
     def commit(self, directory: Any) -> ocp.future.Future:
         """Writes the records once Orbax has created `directory`, as its own writers do.
@@ -216,20 +218,28 @@ def _block_shape(
     return tuple(int(n) for n in chosen)
 
 
-def _digests(
+def _blocks(
     data: np.ndarray, region: Region, shape: tuple[int, ...], block_shape: tuple[int, ...]
-) -> dict[BlockId, str]:
-    """The digests of the blocks inside `region`, whose values are `data`."""
+) -> dict[BlockId, np.ndarray]:
+    """The blocks inside `region`, whose values are `data`, by position (views)."""
     if 0 in shape:
         return {}
-    out = {}
+    parts = {}
     for block in regions.chunk_cover(region, block_shape):
         where = chunk_region(block, shape, block_shape)
         local = tuple(
             slice(w.start - r.start, w.stop - r.start) for w, r in zip(where, region, strict=True)
         )
-        out[block] = digest(data[local])
-    return out
+        parts[block] = data[local]
+    return parts
+
+
+def _digests(parts: Mapping[BlockId, np.ndarray]) -> dict[BlockId, str]:
+    if len(parts) <= 1:
+        return {block: digest(part) for block, part in parts.items()}
+    # hashlib releases the GIL, so the blocks of a shard are hashed in parallel.
+    with concurrent.futures.ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
+        return dict(zip(parts, pool.map(digest, parts.values()), strict=True))
 
 
 def read_records(directory: epath.PathLike) -> dict[KeyPath, Record]:
@@ -350,7 +360,8 @@ class Verified:
             whole = chunk_region(block, record.shape, record.block_shape)
             data = await self.source.read(source, whole)
             self.bytes_read += data.nbytes
-            if digest(data) != record.blocks[block]:
+            # hashlib releases the GIL: blocks are hashed in parallel, off the event loop.
+            if await asyncio.to_thread(digest, data) != record.blocks[block]:
                 raise ChecksumMismatchError(
                     f'{self._where}: {source.key!r} block {block} '
                     f'{key_region(source.key, whole)[len(repr(source.key)) :]} does not match the '

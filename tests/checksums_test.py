@@ -53,6 +53,24 @@ def test_numpy_leaves_and_scalars_are_hashed_whole_strings_not_at_all():
     assert 'name' not in recorder.records
 
 
+def test_every_kind_of_leaf_round_trips_verified(tmp_path):
+    tree = {
+        'lr': 0.1,
+        'step': 3,
+        'flag': True,
+        'np32': np.float32(1.5),
+        'bf16': jax.numpy.ones((4, 4), jax.numpy.bfloat16),
+        'i8': np.arange(6, dtype=np.int8),
+        'j0': jax.numpy.float32(2.0),
+        'name': 'llama',  # Not hashed, restored as is.
+    }
+    got = osurg.restore(save(tmp_path / 'c', tree), verify=True)
+    assert jax.tree.map(lambda x: np.asarray(x).tolist(), got) == jax.tree.map(
+        lambda x: np.asarray(x).tolist(), tree
+    )
+    assert sorted(records(tmp_path / 'c')) == sorted(set(tree) - {'name'})
+
+
 def test_each_shard_of_a_jax_array_is_one_block_replicas_hashed_once(mesh2x4):
     value = jax.device_put(W, NamedSharding(mesh2x4, P('a', 'b')))
     replicated = jax.device_put(W, NamedSharding(mesh2x4, P(None, 'b')))
