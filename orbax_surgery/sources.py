@@ -55,7 +55,9 @@ class ArraySource(Protocol):
 class OrbaxCheckpoint:
     """An Orbax PyTree checkpoint item, opened for lazy region reads.
 
-    Opening reads only metadata (the tree structure, shapes, dtypes, chunks).
+    Opening reads only metadata (the tree structure, shapes, dtypes, chunks),
+    and opens every array's store, so that a damaged file raises
+    `SourceReadError` naming it and the key before anything is planned.
     All arrays share one TensorStore context with an optional chunk cache
     (`cache_bytes`, off by default: a restore's `Session` already reads each
     chunk once and keeps it only while it is needed).
