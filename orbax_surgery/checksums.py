@@ -349,6 +349,20 @@ class Verified:
     async def open(self, keys: Collection[KeyPath]) -> None:
         await self.source.open(keys)
 
+    def _mismatch(
+        self, key: KeyPath, block: BlockId, whole: Region, region: Region
+    ) -> ChecksumMismatchError:
+        record, stored = self._records[key], self.source.arrays[key]
+        file = ''
+        if stored.chunk_shape == record.block_shape:  # The block is one stored chunk.
+            file = self.source.chunk_file(key, block)
+        return ChecksumMismatchError(
+            f'{self._where}: {key!r} block {block} {key_region(key, whole)[len(repr(key)) :]} '
+            'does not match the checksum recorded when it was saved: the stored data changed'
+            + (f' (stored in {file})' if file else '')
+            + f'. Reading {key_region(key, region)}.'
+        )
+
     async def read(self, source: Source, region: Region) -> np.ndarray:
         record = self._records.get(source.key)
         if record is None or regions.size_of(region) == 0:
@@ -362,12 +376,7 @@ class Verified:
             self.bytes_read += data.nbytes
             # hashlib releases the GIL: blocks are hashed in parallel, off the event loop.
             if await asyncio.to_thread(digest, data) != record.blocks[block]:
-                raise ChecksumMismatchError(
-                    f'{self._where}: {source.key!r} block {block} '
-                    f'{key_region(source.key, whole)[len(repr(source.key)) :]} does not match the '
-                    f'checksum recorded when it was saved: the stored data changed (reading '
-                    f'{key_region(source.key, region)}).'
-                )
+                raise self._mismatch(source.key, block, whole, region)
             out[at] = regions.take(data, local_region(sub, block, record.block_shape))
 
         pieces = chunk_pieces(ascending, source.shape, record.block_shape)

@@ -158,12 +158,28 @@ class OrbaxCheckpoint:
         try:
             await _awaited(ts.array(block).write(self._stores[source.key][index]).commit)
         except ValueError as e:
-            where = _ocdbt_value_file(self.directory, ts_reason(e)) if self._use_ocdbt else ''
+            match = re.search(r'Error reading "([^"]+)" in OCDBT database', ts_reason(e))
+            where = _ocdbt_location(self.directory, match[1]) if match else ''
             raise SourceReadError(
                 f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
-                f'checkpoint is damaged or unreadable: {ts_reason(e)}{where}'
+                f'checkpoint is damaged or unreadable: {ts_reason(e)}'
+                + (f' (stored in {where})' if where else '')
             ) from e
         return np.flip(block, flips) if flips else block
+
+    def chunk_file(self, key: KeyPath, chunk: Sequence[int]) -> str:
+        """Where stored chunk `chunk` of `key` lies, for messages; '' if unknown.
+
+        A file (zarr), or a data file and byte range (OCDBT, from its b-tree).
+        """
+        name = self._names[key]
+        if self._use_zarr3:
+            chunk_key = f'{name}/c/' + '/'.join(map(str, chunk))
+        else:
+            chunk_key = f'{name}/' + ('.'.join(map(str, chunk)) or '0')
+        if self._use_ocdbt:
+            return _ocdbt_location(self.directory, chunk_key)
+        return str(self.directory / chunk_key)
 
     def _string(self, key: KeyPath) -> Any:
         file = self.directory / '_strings.json'
@@ -277,17 +293,14 @@ def ts_reason(error: BaseException) -> str:
     return str(error).split(' [tensorstore_spec=', 1)[0].split(' [source locations=', 1)[0]
 
 
-def _ocdbt_value_file(directory: epath.Path, reason: str) -> str:
-    """Where OCDBT keeps the chunk an error names (` (stored in FILE, bytes a..b)`), or ''.
+def _ocdbt_location(directory: epath.Path, chunk_key: str) -> str:
+    """Where OCDBT keeps `chunk_key` (`FILE, bytes a..b`), or ''.
 
     TensorStore names the chunk's key in the database, not the data file that
     holds it; its b-tree says which. Looked up only for a message, so at most
     a few hundred nodes are read and any failure gives ''.
     """
-    match = re.search(r'Error reading "([^"]+)" in OCDBT database', reason)
-    if not match:
-        return ''
-    wanted = match[1].encode()
+    wanted = chunk_key.encode()
     try:
         kvstore = ts.KvStore.open(f'file://{directory}/').result()
         todo = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
@@ -301,7 +314,7 @@ def _ocdbt_value_file(directory: epath.Path, reason: str) -> str:
                 if entry.get('key') == wanted and value.startswith('value:'):
                     prefix, file, start, length = value[len('value:') :].rsplit(':', 3)
                     end = int(start) + int(length)
-                    return f' (stored in {directory / prefix / file}, bytes {start}..{end})'
+                    return f'{directory / prefix / file}, bytes {start}..{end}'
     except (ValueError, KeyError, TypeError, IndexError):
         pass
     return ''

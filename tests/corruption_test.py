@@ -240,7 +240,7 @@ def test_damage_gives_a_specific_error_or_is_caught_by_verify(
                     _check_error(error, osurg.SourceReadError, 'w', names + [str(item)])
             elif expected == 'undetected' and verifiable:
                 assert error is not None, f'{where} returned without noticing'
-                _check_error(error, osurg.ChecksumMismatchError, 'w', [str(item)])
+                _check_error(error, osurg.ChecksumMismatchError, 'w', [str(victim)])
                 assert re.search(r'block \(\d+, \d+\) \[\d+:\d+, 0:64\]', str(error)), error
             elif expected == 'undetected':
                 assert error is not None, f'{where} returned without noticing'
