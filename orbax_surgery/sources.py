@@ -24,18 +24,22 @@ from etils import epath
 
 from orbax_surgery import regions
 from orbax_surgery.errors import (
-    CheckpointNotFoundError,
     SourceReadError,
     SurgeryError,
-    UnfinalizedCheckpointError,
 )
 from orbax_surgery.expr import Kind, Source
-from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
+from orbax_surgery.keys import KeyPath, PyTree, flatten
+from orbax_surgery.orbax_files import (
+    checked_directory,
+    ocdbt_location,
+    orbax_metadata,
+    read_tree_file,
+    stored_names,
+    ts_reason,
+)
 from orbax_surgery.regions import Region
 
 DEFAULT_CACHE_BYTES = 0
-_STORED = ('jax.Array', 'np.ndarray', 'scalar')
-_TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 class ArraySource(Protocol):
@@ -72,8 +76,8 @@ class OrbaxCheckpoint:
     """
 
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
-        self.directory = _checked_directory(epath.Path(os.path.abspath(directory)))
-        tree = _tree_file(self.directory)
+        self.directory = checked_directory(epath.Path(os.path.abspath(directory)))
+        tree = read_tree_file(self.directory)
         self._use_zarr3 = bool(tree.get('use_zarr3', False))
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
         self._ocdbt_saved = bool(tree.get('use_ocdbt', self._use_ocdbt))
@@ -82,11 +86,11 @@ class OrbaxCheckpoint:
             ts.Context.Spec({'cache_pool': {'total_bytes_limit': cache_bytes}}), parent=base
         )
         self._stores: dict[KeyPath, ts.TensorStore] = {}
-        self._names: dict[KeyPath, str] = _stored_names(tree)
+        self._names: dict[KeyPath, str] = stored_names(tree)
         # Orbax's metadata reader opens every array too, but stops at the first failure
         # and leaves the rest running; opened here first, each failure is named.
         self._open_now(list(self._names))
-        metadata = _orbax_metadata(self.directory)
+        metadata = orbax_metadata(self.directory)
         self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
         flat, _ = flatten(metadata.tree)
         self._strings: dict[str, Any] | None = None
@@ -159,7 +163,7 @@ class OrbaxCheckpoint:
             await _awaited(ts.array(block).write(self._stores[source.key][index]).commit)
         except ValueError as e:
             match = re.search(r'Error reading "([^"]+)" in OCDBT database', ts_reason(e))
-            where = _ocdbt_location(self.directory, match[1]) if match else ''
+            where = ocdbt_location(self.directory, match[1]) if match else ''
             raise SourceReadError(
                 f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
                 f'checkpoint is damaged or unreadable: {ts_reason(e)}'
@@ -178,7 +182,7 @@ class OrbaxCheckpoint:
         else:
             chunk_key = f'{name}/' + ('.'.join(map(str, chunk)) or '0')
         if self._use_ocdbt:
-            return _ocdbt_location(self.directory, chunk_key)
+            return ocdbt_location(self.directory, chunk_key)
         return str(self.directory / chunk_key)
 
     def _string(self, key: KeyPath) -> Any:
@@ -288,78 +292,6 @@ def _awaited(future: ts.Future) -> asyncio.Future:
     return out
 
 
-def ts_reason(error: BaseException) -> str:
-    """A TensorStore error's message without the spec it appends (the file names stay)."""
-    return str(error).split(' [tensorstore_spec=', 1)[0].split(' [source locations=', 1)[0]
-
-
-def _ocdbt_location(directory: epath.Path, chunk_key: str) -> str:
-    """Where OCDBT keeps `chunk_key` (`FILE, bytes a..b`), or ''.
-
-    TensorStore names the chunk's key in the database, not the data file that
-    holds it; its b-tree says which. Looked up only for a message, so at most
-    a few hundred nodes are read and any failure gives ''.
-    """
-    wanted = chunk_key.encode()
-    try:
-        kvstore = ts.KvStore.open(f'file://{directory}/').result()
-        todo = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
-        for _ in range(256):
-            if not todo:
-                break
-            for entry in ts.ocdbt.dump(kvstore, todo.pop()).result().get('entries', []):
-                if str(entry.get('location', '')).startswith('btreenode::'):
-                    todo.append(entry['location'])
-                value = str(entry.get('indirect_value', ''))
-                if entry.get('key') == wanted and value.startswith('value:'):
-                    prefix, file, start, length = value[len('value:') :].rsplit(':', 3)
-                    end = int(start) + int(length)
-                    return f'{directory / prefix / file}, bytes {start}..{end}'
-    except (ValueError, KeyError, TypeError, IndexError):
-        pass
-    return ''
-
-
-def _tree_file(directory: epath.Path) -> dict[str, Any]:
-    """The item's `_METADATA` (its tree), parsed, or an error naming it."""
-    tree_file = directory / '_METADATA'
-    try:
-        tree = json.loads(tree_file.read_text())
-        if not isinstance(tree, dict) or not isinstance(tree.get('tree_metadata'), dict):
-            raise ValueError('it holds no "tree_metadata" object')
-    except (OSError, ValueError) as e:
-        raise SourceReadError(
-            f'{tree_file} is damaged or unreadable, so the arrays of {directory} are unknown: '
-            f'{type(e).__name__}: {e}'
-        ) from e
-    return tree
-
-
-def _stored_names(tree: Mapping[str, Any]) -> dict[KeyPath, str]:
-    """Where Orbax stores each array of the tree: its keys joined by '.', by key."""
-    out = {}
-    for entry in tree['tree_metadata'].values():
-        value = entry.get('value_metadata', {}) if isinstance(entry, dict) else {}
-        path = [str(k.get('key')) for k in entry.get('key_metadata', ())] if value else []
-        if path and value.get('value_type') in _STORED and not value.get('skip_deserialize'):
-            out['/'.join(path)] = '.'.join(path)
-    return out
-
-
-def _orbax_metadata(directory: epath.Path) -> Any:
-    """Orbax's metadata of the item (its arrays are known to open), or an error naming the file."""
-    sharding = directory / '_sharding'
-    try:
-        if sharding.exists():
-            json.loads(sharding.read_text())
-        return ocp.PyTreeCheckpointHandler().metadata(directory)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SourceReadError(
-            f'Reading the metadata of {directory} failed ({sharding} holds the saved shardings); '
-            f'the checkpoint is damaged or unreadable: {type(e).__name__}: {ts_reason(e)}'
-        ) from e
-
-
 def key_region(key: KeyPath, region: Region) -> str:
     """`'w'[0:4, 2:3]`: a key and a region, for messages."""
     parts = ', '.join(f'{r.start}:{r.stop}' + (f':{r.step}' if r.step != 1 else '') for r in region)
@@ -394,56 +326,6 @@ def _source_of_value(key: KeyPath, value: Any) -> Source:
         kind = 'scalar'
     array = value if hasattr(value, 'dtype') else np.asarray(value)
     return Source(key, tuple(np.shape(array)), np.dtype(array.dtype), None, kind)
-
-
-def _checked_directory(path: epath.Path) -> epath.Path:
-    """The item directory, or an error saying exactly what is there instead."""
-    for part in (path, *path.parents):
-        if _TMP_MARK in part.name:
-            raise UnfinalizedCheckpointError(
-                f'{part} is a temporary directory: its save was interrupted or is still '
-                'running, and Orbax never finalized it. Restore a finalized step instead.'
-            )
-    if not path.exists():
-        _raise_missing(path)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f'{path} is a file, not an Orbax checkpoint directory.')
-    if (path / '_METADATA').exists():
-        return path
-    children = sorted(p.name for p in path.iterdir() if p.is_dir())
-    items = [c for c in children if (path / c / '_METADATA').exists()]
-    if items:
-        raise CheckpointNotFoundError(
-            f'{path} is a step directory holding the items {items}; pass one of them, '
-            f'e.g. {str(path / items[0])!r}, or restore through a CheckpointManager.'
-        )
-    steps = [c for c in children if c.isdigit()]
-    if steps:
-        raise CheckpointNotFoundError(
-            f'{path} is a CheckpointManager directory with steps {steps[-5:]}; pass '
-            f'{str(path / steps[-1])!r}/<item>, or use CheckpointManager.restore.'
-        )
-    raise CheckpointNotFoundError(
-        f'{path} holds no Orbax PyTree checkpoint (no _METADATA file); was it saved '
-        'with StandardSave or PyTreeSave? Nor Hugging Face safetensors (no '
-        'model.safetensors or model.safetensors.index.json).'
-    )
-
-
-def _raise_missing(path: epath.Path) -> None:
-    existing = next((p for p in path.parents if p.exists()), None)
-    hint = ''
-    if existing is not None and existing.is_dir():
-        names = [p.name for p in existing.iterdir()]
-        wanted = path.relative_to(existing).parts[0]
-        pending = [n for n in names if n.startswith(wanted + _TMP_MARK)]
-        if pending:
-            raise UnfinalizedCheckpointError(
-                f'{path} does not exist, but {existing / pending[0]} does: that save was '
-                'interrupted or is still running, and was never finalized.'
-            )
-        hint = did_you_mean(wanted, names)
-    raise CheckpointNotFoundError(f'No checkpoint at {path}: it does not exist.{hint}')
 
 
 def open_source(path: epath.PathLike | ArraySource) -> ArraySource:
