@@ -2,8 +2,8 @@
 is caught by a verified restore; none returns wrong numbers unnoticed when verifying.
 
 Each case damages one file of a pristine checkpoint (Orbax with OCDBT, Orbax
-without it (plain zarr chunk files, compressed or not), safetensors single and
-sharded), then restores it through `restore`, `plan_restore` and a
+without it (plain zarr chunk files, compressed or not; zarr v3), safetensors
+single and sharded), then restores it through `restore`, `plan_restore` and a
 `CheckpointManager` (or `Checkpointer` for safetensors), with and without
 `verify=True`. Orbax checkpoints are saved with `checksums=True`.
 """
@@ -29,14 +29,16 @@ from orbax_surgery.safetensors import INDEX_FILE, write_file
 
 W = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
 B = np.arange(10, dtype=np.float32)
-ORBAX = ('ocdbt', 'zarr', 'zarr-raw')
+ORBAX = ('ocdbt', 'zarr', 'zarr-raw', 'zarr3')
 SAFETENSORS = ('safetensors', 'safetensors-sharded')
 
 
 def _orbax(root: Path, fmt: str, mesh) -> None:
     tree = {'w': jax.device_put(W, NamedSharding(mesh, P('x'))), 'b': B}
-    if fmt == 'zarr-raw':  # Uncompressed chunks: plain Orbax, checksums recorded beside.
-        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_compression=False)
+    if fmt in ('zarr-raw', 'zarr3'):  # Plain Orbax, checksums recorded beside.
+        handler = ocp.PyTreeCheckpointHandler(
+            use_ocdbt=False, use_compression=fmt == 'zarr3', use_zarr3=fmt == 'zarr3'
+        )
         with ocp.CheckpointManager(root, item_handlers={'state': handler}) as manager:
             manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)))
         recorder = Recorder()
@@ -79,8 +81,12 @@ def _victim(item: Path, fmt: str, what: str) -> Path:
     """The file of `item` that a case damages."""
     if what == 'chunk' and fmt == 'ocdbt':  # The data file holding w's chunks.
         return max((item / 'ocdbt.process_0' / 'd').iterdir(), key=lambda p: p.stat().st_size)
+    if what == 'chunk' and fmt == 'zarr3':
+        return item / 'w' / 'c' / '1' / '0'
     if what == 'chunk' and fmt in ORBAX:
         return item / 'w' / '1.0'
+    if what == 'zarray' and fmt == 'zarr3':
+        return item / 'w' / 'zarr.json'
     if what in ('chunk', 'header'):
         return item / (
             'model.safetensors'
@@ -134,6 +140,8 @@ FILE_DAMAGES = ('truncate-0', 'truncate-half', 'delete', 'garbage', 'directory',
 CASES = [
     *[(f, 'chunk', d) for f in ('ocdbt', 'zarr', *SAFETENSORS) for d in (*FILE_DAMAGES, 'flip')],
     ('zarr-raw', 'chunk', 'flip'),
+    *[('zarr3', 'chunk', d) for d in ('truncate-half', 'delete', 'flip')],
+    ('zarr3', 'zarray', 'garbage'),
     *[('ocdbt', v, d) for v in ('manifest', 'btree', 'metadata', 'sharding') for d in FILE_DAMAGES],
     *[('ocdbt', 'process-manifest', d) for d in ('garbage', 'delete')],
     *[('zarr', 'zarray', d) for d in FILE_DAMAGES],
