@@ -3,6 +3,7 @@
 from orbax_surgery.errors import (
     AmbiguousRuleError,
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     DestinationExistsError,
     DtypeMismatchError,
     LoraMismatchError,
@@ -62,6 +63,7 @@ __all__ = [
     'AmbiguousRuleError',
     'Cast',
     'CheckpointNotFoundError',
+    'ChecksumMismatchError',
     'Combine',
     'Copy',
     'DestinationExistsError',

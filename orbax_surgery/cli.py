@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_surgery.atomic import move_into_place
+from orbax_surgery.checksums import verified
 from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.export import DEFAULT_MAX_SHARD_SIZE, save_safetensors
 from orbax_surgery.handler import SurgeryCheckpointHandler, SurgerySave
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == 'convert' and args.max_shard_size is not None and args.to != 'safetensors':
         parser.error('--max-shard-size is for --to safetensors.')
+    if args.command == 'convert' and args.checksums and args.to != 'orbax':
+        parser.error('--checksums is for --to orbax (safetensors files carry no checksums).')
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -195,6 +198,16 @@ def _parser() -> argparse.ArgumentParser:
         help='with --to safetensors: bytes per file before the next (default 5GB)',
     )
     convert.add_argument('--overwrite', action='store_true', help='replace an existing DST')
+    convert.add_argument(
+        '--checksums',
+        action='store_true',
+        help='record a checksum of every block written (Orbax DST), for restores with verify',
+    )
+    convert.add_argument(
+        '--verify',
+        action='store_true',
+        help='check every block read against the checksums SRC was saved with',
+    )
     convert.add_argument('--quiet', '-q', action='store_true', help='no progress bar or summary')
     convert.set_defaults(run=_convert)
 
@@ -268,7 +281,10 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
     src = item_path(os.path.abspath(args.src), step=args.step, item=args.item)
-    source, rules = rules_file.compose(open_source(src), target)
+    opened = open_source(src)
+    if getattr(args, 'verify', False):
+        opened = verified(opened)
+    source, rules = rules_file.compose(opened, target)
     return resolve(source.arrays, target, rules), source, target, rules
 
 
@@ -301,7 +317,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         with _progress(total, args.quiet) as advance:
             if args.to == 'orbax':
-                _write_orbax(partial, source, target, rules, budget, advance)
+                _write_orbax(partial, source, target, rules, budget, advance, args.checksums)
             else:
                 save_safetensors(
                     source,
@@ -333,13 +349,19 @@ def _write_orbax(
     rules: Sequence[Rule],
     budget: int,
     advance: Callable[[int], None],
+    checksums: bool = False,
 ) -> None:
     """Writes an Orbax checkpoint item at `path`, a budget's worth of leaves at a time.
 
     Orbax writes into a temporary directory of its own and renames it `path`.
     """
     args = SurgerySave(
-        item=source, rules=rules, target=target, max_inflight_bytes=budget, progress=advance
+        item=source,
+        rules=rules,
+        target=target,
+        max_inflight_bytes=budget,
+        progress=advance,
+        checksums=checksums,
     )
     with ocp.Checkpointer(SurgeryCheckpointHandler()) as checkpointer:
         checkpointer.save(path, args=args)

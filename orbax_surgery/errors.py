@@ -158,3 +158,25 @@ class DestinationExistsError(SurgeryError, FileExistsError):
         Traceback (most recent call last):
         orbax_surgery.errors.DestinationExistsError: ... exists; the export leaves it untouched. ...
     """
+
+
+class ChecksumMismatchError(SourceReadError):
+    """Stored data differs from the checksums recorded when it was saved.
+
+    Raised by a verified restore (`verify=True`) of a checkpoint saved with
+    `checksums=True`: it names the checkpoint, the key, the block and its region.
+
+    Example:
+        >>> import tempfile, numpy as np, orbax.checkpoint as ocp, orbax_surgery as osurg
+        >>> from orbax_surgery.checksums import CHECKSUMS_DIR
+        >>> path = tempfile.mkdtemp() + '/ckpt'
+        >>> with ocp.Checkpointer(osurg.SurgeryCheckpointHandler(use_ocdbt=False)) as ckptr:
+        ...     ckptr.save(path, args=osurg.SurgerySave(item={'w': np.ones(4)}, checksums=True))
+        >>> with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+        ...     ckptr.save(path + '2', {'w': np.zeros(4)})  # Same layout, other values.
+        >>> import shutil
+        >>> _ = shutil.copytree(f'{path}/{CHECKSUMS_DIR}', f'{path}2/{CHECKSUMS_DIR}')
+        >>> osurg.restore(path + '2', verify=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.ChecksumMismatchError: ...2: 'w' block (0,) [0:4] does not match ...
+    """

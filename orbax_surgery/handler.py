@@ -15,6 +15,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from orbax_surgery.checksums import Recorder, verified
 from orbax_surgery.errors import RuleError, SurgeryError
 from orbax_surgery.keys import PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, materialize, run_sync
@@ -42,6 +43,30 @@ class PyTreeItemHandler(ocp.AsyncCheckpointHandler):
                 commit.result()
 
         run_sync(save_and_commit())
+
+    async def save_tree(
+        self,
+        directory: Any,
+        item: PyTree,
+        *,
+        save_args: PyTree | None,
+        custom_metadata: dict[str, Any] | None,
+        checksums: bool,
+    ) -> Any:
+        """Saves `item` as Orbax's PyTree handler does, with its checksums if asked.
+
+        The checksums are computed before this returns (the caller may then
+        change the arrays) and written beside Orbax's files before it finalizes.
+        """
+        commits = []
+        if checksums:
+            recorder = Recorder()
+            recorder.add_tree(item, save_args)
+            commits.append(recorder.commit(directory))
+        pytree = ocp.args.PyTreeSave(
+            item=item, save_args=save_args, custom_metadata=custom_metadata
+        )
+        return commits + list(await self._impl.async_save(directory, args=pytree) or [])
 
     def metadata(self, directory: epath.Path) -> Any:
         """The checkpoint's own tree metadata (a plan shows the restored tree's)."""
@@ -99,19 +124,24 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
                 'SurgeryCheckpointHandler saves only with args=SurgerySave(item=...).'
             )
         if args.planned is not None:
+            recorder = Recorder() if args.checksums else None
             await save_with_rules(
                 self._impl._handler_impl,  # noqa: SLF001 - the PyTree handler's own writer.
                 directory,
                 args.planned,
                 custom_metadata=args.custom_metadata,
                 max_inflight_bytes=args.max_inflight_bytes,
+                recorder=recorder,
             )
+            if recorder is not None:
+                await recorder.write(directory)
             return []
-        return await self._impl.async_save(
+        return await self.save_tree(
             directory,
-            args=ocp.args.PyTreeSave(
-                item=args.item, save_args=args.store_args, custom_metadata=args.custom_metadata
-            ),
+            args.item,
+            save_args=args.store_args,
+            custom_metadata=args.custom_metadata,
+            checksums=args.checksums,
         )
 
     def restore(
@@ -126,6 +156,8 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
             source = SafetensorsCheckpoint(directory)
         else:
             source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
+        if args.verify:
+            source = verified(source)
         plan = resolve(source.arrays, args.target, args.rules)
         return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
 
@@ -155,6 +187,9 @@ class SurgerySave(ocp.args.CheckpointArgs):
         progress: With rules, called with the bytes of each block computed
             (`planned.nbytes` in all), e.g. to drive a progress bar.
         max_inflight_bytes: Host bytes of converted leaves computed at once.
+        checksums: Also record a digest of every block each process writes,
+            in `_CHECKSUMS/`, so that restores with `verify=True` detect any
+            change to the stored values (see `orbax_surgery.checksums`).
         planned: The checked plan, made when the args are built, so that bad
             rules raise there, before Orbax starts a checkpoint.
         store_args: Without rules, the `SaveArgs` passed to Orbax (`layer_axes`
@@ -181,6 +216,7 @@ class SurgerySave(ocp.args.CheckpointArgs):
     custom_metadata: dict[str, Any] | None = None
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     progress: Callable[[int], None] | None = dataclasses.field(default=None, compare=False)
+    checksums: bool = False
     planned: PlannedSave | None = dataclasses.field(
         init=False, default=None, repr=False, compare=False
     )
@@ -216,6 +252,10 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
             tree (`{target_regex: ocp.Transform(...)}`), taken as
             `OrbaxTransforms`.
         max_inflight_bytes: Host memory for data read but not yet placed.
+        verify: Check every block read against the checksums recorded by a
+            save with `checksums=True`; raises `ChecksumMismatchError` on a
+            difference, and `SourceReadError` for a checkpoint without them.
+            Reads whole stored blocks (see `orbax_surgery.checksums`).
 
     The directory restored may also hold Hugging Face safetensors (shards with
     their index): `ocp.Checkpointer(SurgeryCheckpointHandler()).restore(
@@ -237,6 +277,7 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
     target: PyTree = None
     rules: Sequence[Rule] | Mapping[str, Any] = ()
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    verify: bool = False
 
     def __post_init__(self):
         self.rules = checked_rules(self.rules)
@@ -249,12 +290,14 @@ def restore(
     rules: Sequence[Rule] | Mapping[str, Any] = (),
     *,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    verify: bool = False,
 ) -> PyTree:
     """Restores `target` from any source, outside a `CheckpointManager`.
 
     `source` is an Orbax checkpoint item directory, a Hugging Face safetensors
     file or directory (sharded with its index), or a source object. Each host
-    reads only what its shards need.
+    reads only what its shards need. With `verify=True`, every block read is
+    checked against the checksums a save with `checksums=True` recorded.
 
     Example:
         >>> import tempfile, numpy as np
@@ -269,6 +312,8 @@ def restore(
                [2., 5.]], dtype=float32)}}
     """
     opened = open_source(source)
+    if verify:
+        opened = verified(opened)
     plan = resolve(opened.arrays, target, checked_rules(rules))
     return materialize(plan, opened, max_inflight_bytes=max_inflight_bytes)
 

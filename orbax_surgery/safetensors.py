@@ -61,8 +61,9 @@ _FEW_RUNS = 64
 def is_safetensors(path: epath.PathLike) -> bool:
     """Whether `path` is a safetensors file, or a directory or index holding them."""
     p = epath.Path(path)
-    if p.is_file():
-        return p.name.endswith('.safetensors') or p.name.endswith('.safetensors.index.json')
+    named = p.name.endswith('.safetensors') or p.name.endswith('.safetensors.index.json')
+    if p.is_file() or (named and p.is_dir() and not (p / '_METADATA').exists()):
+        return named  # A directory in place of the file is then reported as such.
     return p.is_dir() and ((p / INDEX_FILE).exists() or (p / SINGLE_FILE).exists())
 
 
@@ -98,7 +99,15 @@ class SafetensorsCheckpoint:
         self.bytes_read = 0
         files, expected = _files(self.path)
         for file in files:
-            header, data_start = _read_header(file)
+            try:
+                header, data_start = _read_header(file)
+            except SourceReadError as e:
+                held = [n for n, f in expected.items() if f == file]
+                if not held:
+                    raise
+                raise SourceReadError(
+                    f'{e} {INDEX_FILE} says it holds {len(held)} tensors, e.g. {held[0]!r}.'
+                ) from e
             self.metadata[file.name] = header.pop('__metadata__', None) or {}
             for name, info in header.items():
                 source = _source_of(file, name, info, data_start)
@@ -122,7 +131,11 @@ class SafetensorsCheckpoint:
 
     async def open(self, keys: Collection[KeyPath]) -> None:
         for key in keys:
-            self._fd(self._where[key][0])
+            file = self._where[key][0]
+            try:
+                self._fd(file)
+            except OSError as e:
+                raise SourceReadError(f'Cannot open {file}, which holds {key!r}: {e}') from e
 
     async def read(self, source: Source, region: Region) -> np.ndarray:
         return await asyncio.to_thread(self.read_now, source, region)
@@ -197,7 +210,7 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
     try:
         index = json.loads(path.read_text())
         weight_map: Mapping[str, str] = index['weight_map']
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SourceReadError(f'{path} is not a safetensors index (no "weight_map"): {e}') from e
     files = {name: path.parent / file for name, file in weight_map.items()}
     missing = sorted({str(f) for f in files.values() if not f.exists()})
@@ -213,18 +226,21 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
 def _read_header(file: epath.Path) -> tuple[dict[str, Any], int]:
     if file.is_dir():
         raise SourceReadError(f'{file} is a directory, not a safetensors file.')
-    size = os.path.getsize(file)
-    with open(file, 'rb') as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SourceReadError(f'{file} is truncated: {size} bytes, too short for a header.')
-        (n,) = struct.unpack('<Q', head)
-        if n > min(size - 8, _MAX_HEADER_BYTES):
-            raise SourceReadError(
-                f'{file} says its header is {n} bytes, but the file has {size} bytes: it is '
-                'truncated or not a safetensors file.'
-            )
-        raw = f.read(n)
+    try:
+        size = os.path.getsize(file)
+        with open(file, 'rb') as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SourceReadError(f'{file} is truncated: {size} bytes, too short for a header.')
+            (n,) = struct.unpack('<Q', head)
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise SourceReadError(
+                    f'{file} says its header is {n} bytes, but the file has {size} bytes: it is '
+                    'truncated or not a safetensors file.'
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise SourceReadError(f'Cannot read the header of {file}: {e}') from e
     try:
         header = json.loads(raw)
     except ValueError as e:

@@ -29,6 +29,7 @@ from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler as bas
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
+from orbax_surgery.checksums import Recorder
 from orbax_surgery.errors import RuleError
 from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, flatten
 from orbax_surgery.materializer import compute_leaves, host_regions
@@ -146,8 +147,12 @@ async def save_with_rules(
     *,
     custom_metadata: dict[str, Any] | None,
     max_inflight_bytes: int,
+    recorder: Recorder | None = None,
 ) -> None:
-    """Writes a planned save into `directory` as Orbax's own PyTree handler would."""
+    """Writes a planned save into `directory` as Orbax's own PyTree handler would.
+
+    With a `recorder`, each group of computed leaves is hashed before it is freed.
+    """
     source, plan, steps, save_args = (
         planned.source,
         planned.plan,
@@ -167,6 +172,9 @@ async def save_with_rules(
     for group in _groups(steps, max_inflight_bytes):
         values = await compute_leaves(group, source, max_inflight_bytes, planned.on_bytes)
         keys = [step.key for step in group]
+        if recorder is not None:
+            for key in keys:
+                recorder.add(key, values[key], args_by_key[key])
         requests = base_handler.batched_serialization_requests(
             {k: values[k] for k in keys},
             {k: infos_by_key[k] for k in keys},

@@ -150,7 +150,7 @@ class Session:
         grid = source.chunk_shape
         if grid is None or source.key not in self._shared_keys:
             return await self._source.read(source, region)
-        pieces = _chunk_pieces(region, source.shape, grid)
+        pieces = chunk_pieces(region, source.shape, grid)
         kept = [(source.key, c) in self._left for c, _, _ in pieces]
         if not any(kept):
             self._forget(source.key, (c for c, _, _ in pieces))
@@ -160,7 +160,7 @@ class Session:
         async def fill(chunk: tuple[int, ...], at: tuple[slice, ...], sub: Region, keep: bool):
             if keep:
                 whole = await self._chunk(source, chunk)
-                out[at] = regions.take(whole, _local(sub, chunk, grid))
+                out[at] = regions.take(whole, local_region(sub, chunk, grid))
                 self._forget(source.key, [chunk])
             else:
                 out[at] = await self._source.read(source, sub)
@@ -186,7 +186,7 @@ class Session:
         task = self._kept.get((source.key, chunk))
         if task is None:
             assert source.chunk_shape is not None
-            region = _chunk_region(chunk, source.shape, source.chunk_shape)
+            region = chunk_region(chunk, source.shape, source.chunk_shape)
             task = asyncio.ensure_future(self._source.read(source, region))
             self._kept[source.key, chunk] = task
             self._nbytes[source.key, chunk] = regions.size_of(region) * source.dtype.itemsize
@@ -276,8 +276,8 @@ def _small_source_boxes(usage: Usage, small_source_bytes: int) -> dict[KeyPath, 
         hi = [max(c[a] for c in chunks) + 1 for a in range(len(source.shape))]
         if math.prod(h - low for low, h in zip(lo, hi, strict=True)) != len(chunks):
             continue
-        first = _chunk_region(lo, source.shape, source.chunk_shape)
-        last = _chunk_region([h - 1 for h in hi], source.shape, source.chunk_shape)
+        first = chunk_region(lo, source.shape, source.chunk_shape)
+        last = chunk_region([h - 1 for h in hi], source.shape, source.chunk_shape)
         out[key] = tuple(range(f.start, la.stop) for f, la in zip(first, last, strict=True))
     return out
 
@@ -287,13 +287,14 @@ def range_id(region: Region) -> tuple[int, ...]:
     return tuple(x for r in region for x in (r.start, r.stop, r.step))
 
 
-def _chunk_region(chunk: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> Region:
+def chunk_region(chunk: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> Region:
+    """The stored region of chunk `chunk` of a `grid` over `shape`."""
     return tuple(
         range(c * g, min((c + 1) * g, n)) for c, g, n in zip(chunk, grid, shape, strict=True)
     )
 
 
-def _chunk_pieces(
+def chunk_pieces(
     region: Region, shape: Sequence[int], grid: Sequence[int]
 ) -> list[tuple[tuple[int, ...], tuple[slice, ...], Region]]:
     """`region` cut at chunk boundaries: (chunk, where in the result, stored region)."""
@@ -314,7 +315,7 @@ def _chunk_pieces(
     return out
 
 
-def _local(sub: Region, chunk: Sequence[int], grid: Sequence[int]) -> Region:
+def local_region(sub: Region, chunk: Sequence[int], grid: Sequence[int]) -> Region:
     """A stored region relative to the start of its chunk."""
     return tuple(
         range(r.start - c * g, r.stop - c * g, r.step)

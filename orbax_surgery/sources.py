@@ -12,7 +12,8 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -23,17 +24,22 @@ from etils import epath
 
 from orbax_surgery import regions
 from orbax_surgery.errors import (
-    CheckpointNotFoundError,
     SourceReadError,
     SurgeryError,
-    UnfinalizedCheckpointError,
 )
 from orbax_surgery.expr import Kind, Source
-from orbax_surgery.keys import KeyPath, PyTree, did_you_mean, flatten
+from orbax_surgery.keys import KeyPath, PyTree, flatten
+from orbax_surgery.orbax_files import (
+    checked_directory,
+    ocdbt_location,
+    orbax_metadata,
+    read_tree_file,
+    stored_names,
+    ts_reason,
+)
 from orbax_surgery.regions import Region
 
 DEFAULT_CACHE_BYTES = 0
-_TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 class ArraySource(Protocol):
@@ -53,7 +59,9 @@ class ArraySource(Protocol):
 class OrbaxCheckpoint:
     """An Orbax PyTree checkpoint item, opened for lazy region reads.
 
-    Opening reads only metadata (the tree structure, shapes, dtypes, chunks).
+    Opening reads only metadata (the tree structure, shapes, dtypes, chunks),
+    and opens every array's store, so that a damaged file raises
+    `SourceReadError` naming it and the key before anything is planned.
     All arrays share one TensorStore context with an optional chunk cache
     (`cache_bytes`, off by default: a restore's `Session` already reads each
     chunk once and keeps it only while it is needed).
@@ -68,23 +76,30 @@ class OrbaxCheckpoint:
     """
 
     def __init__(self, directory: epath.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
-        self.directory = _checked_directory(epath.Path(os.path.abspath(directory)))
-        metadata = ocp.PyTreeCheckpointHandler().metadata(self.directory)
-        self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
-        flat, _ = flatten(metadata.tree)
-        self._use_zarr3 = bool(getattr(metadata, 'use_zarr3', False))
+        self.directory = checked_directory(epath.Path(os.path.abspath(directory)))
+        tree = read_tree_file(self.directory)
+        self._use_zarr3 = bool(tree.get('use_zarr3', False))
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
-        self._names: dict[KeyPath, str] = {}
-        self._strings: dict[str, Any] | None = None
-        self.arrays: dict[KeyPath, Source] = {}
-        for key, meta in flat.items():
-            self._names[key] = meta.name
-            self.arrays[key] = _source(key, meta)
+        self._ocdbt_saved = bool(tree.get('use_ocdbt', self._use_ocdbt))
         base = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
         self._context = ts.Context(
             ts.Context.Spec({'cache_pool': {'total_bytes_limit': cache_bytes}}), parent=base
         )
         self._stores: dict[KeyPath, ts.TensorStore] = {}
+        self._names: dict[KeyPath, str] = stored_names(tree)
+        # Orbax's metadata reader opens every array too, but stops at the first failure
+        # and leaves the rest running; opened here first, each failure is named.
+        self._open_now(list(self._names))
+        metadata = orbax_metadata(self.directory)
+        self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
+        flat, _ = flatten(metadata.tree)
+        self._strings: dict[str, Any] | None = None
+        self.arrays: dict[KeyPath, Source] = {}
+        for key, meta in flat.items():
+            if self._names.get(key) != meta.name:
+                self._stores.pop(key, None)  # Named otherwise than assumed: opened on use.
+            self._names[key] = meta.name
+            self.arrays[key] = _source(key, meta)
 
     def __repr__(self):
         return f'OrbaxCheckpoint({str(self.directory)!r}, {len(self.arrays)} arrays)'
@@ -94,7 +109,7 @@ class OrbaxCheckpoint:
         stores = await asyncio.gather(*(self._open_one(k) for k in todo))
         self._stores.update(zip(todo, stores, strict=True))
 
-    async def _open_one(self, key: KeyPath) -> ts.TensorStore:
+    def _start_open(self, key: KeyPath) -> ts.Future:
         info = ocp.type_handlers.ParamInfo(
             name=self._names[key],
             parent_dir=self.directory,
@@ -103,12 +118,37 @@ class OrbaxCheckpoint:
             ts_context=self._context,
         )
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
+        return ts.open(spec, context=self._context, open=True, read=True)
+
+    async def _open_one(self, key: KeyPath) -> ts.TensorStore:
         try:
-            return await ts.open(spec, context=self._context, open=True, read=True)
+            return await _awaited(self._start_open(key))
         except ValueError as e:
-            raise SourceReadError(
-                f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}: {e}'
-            ) from e
+            raise self._open_error(key, e) from e
+
+    def _open_now(self, keys: Sequence[KeyPath]) -> None:
+        """Opens `keys` (all at once), waiting for every one; raises for the first failed."""
+        started = [(key, self._start_open(key)) for key in keys]
+        failed: list[tuple[KeyPath, ValueError]] = []
+        for key, future in started:
+            try:
+                self._stores[key] = future.result()
+            except ValueError as e:
+                failed.append((key, e))
+        if failed:
+            key, error = failed[0]
+            more = f' ({len(failed) - 1} more arrays fail to open too.)' if len(failed) > 1 else ''
+            raise self._open_error(key, error, more) from error
+
+    def _open_error(self, key: KeyPath, error: ValueError, more: str = '') -> SourceReadError:
+        manifest = self.directory / 'manifest.ocdbt'
+        hint = ''
+        if self._ocdbt_saved and not manifest.is_file():
+            hint = f'its OCDBT manifest {manifest}, which indexes all arrays, is missing: '
+        return SourceReadError(
+            f'Cannot open {key!r} (stored as {self._names[key]!r}) in {self.directory}; the '
+            f'checkpoint is damaged or unreadable: {hint}{ts_reason(error)}{more}'
+        )
 
     async def read(self, source: Source, region: Region) -> np.ndarray:
         if source.dtype == object:
@@ -120,18 +160,42 @@ class OrbaxCheckpoint:
         # Like Orbax: TensorStore copies chunks straight into a buffer we own.
         block = np.empty(regions.shape_of(ascending), source.dtype)
         try:
-            await ts.array(block).write(self._stores[source.key][index])
+            await _awaited(ts.array(block).write(self._stores[source.key][index]).commit)
         except ValueError as e:
+            match = re.search(r'Error reading "([^"]+)" in OCDBT database', ts_reason(e))
+            where = ocdbt_location(self.directory, match[1]) if match else ''
             raise SourceReadError(
                 f'Reading {key_region(source.key, region)} from {self.directory} failed; the '
-                f'checkpoint is damaged or unreadable: {e}'
+                f'checkpoint is damaged or unreadable: {ts_reason(e)}'
+                + (f' (stored in {where})' if where else '')
             ) from e
         return np.flip(block, flips) if flips else block
 
+    def chunk_file(self, key: KeyPath, chunk: Sequence[int]) -> str:
+        """Where stored chunk `chunk` of `key` lies, for messages; '' if unknown.
+
+        A file (zarr), or a data file and byte range (OCDBT, from its b-tree).
+        """
+        name = self._names[key]
+        if self._use_zarr3:
+            chunk_key = f'{name}/c/' + '/'.join(map(str, chunk))
+        else:
+            chunk_key = f'{name}/' + ('.'.join(map(str, chunk)) or '0')
+        if self._use_ocdbt:
+            return ocdbt_location(self.directory, chunk_key)
+        return str(self.directory / chunk_key)
+
     def _string(self, key: KeyPath) -> Any:
-        if self._strings is None:
-            self._strings = json.loads((self.directory / '_strings.json').read_text())
-        return self._strings[self._names[key]]
+        file = self.directory / '_strings.json'
+        try:
+            if self._strings is None:
+                self._strings = json.loads(file.read_text())
+            return self._strings[self._names[key]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SourceReadError(
+                f'Reading the string {key!r} from {file} failed; the file is damaged or '
+                f'unreadable: {type(e).__name__}: {e}'
+            ) from e
 
 
 class TreeSource:
@@ -197,6 +261,37 @@ class Namespaced:
         return await inner_source.read(dataclasses.replace(source, key=inner), region)
 
 
+def _awaited(future: ts.Future) -> asyncio.Future:
+    """A TensorStore future as an asyncio one that tolerates its loop closing first.
+
+    When one read of a restore fails, the others are cancelled and the loop
+    closes; TensorStore may still finish them and call back into the closed
+    loop, an error nobody can catch. Here such late results are dropped.
+    """
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future = loop.create_future()
+
+    def settle(done: ts.Future) -> None:
+        if out.done():
+            return
+        if done.cancelled():
+            out.cancel()
+        elif done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            out.set_result(done.result())
+
+    def finished(done: ts.Future) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, done)
+        except RuntimeError:
+            pass  # The loop closed: nobody awaits this result any more.
+
+    future.add_done_callback(finished)
+    out.add_done_callback(lambda o: future.cancel() if o.cancelled() else None)
+    return out
+
+
 def key_region(key: KeyPath, region: Region) -> str:
     """`'w'[0:4, 2:3]`: a key and a region, for messages."""
     parts = ', '.join(f'{r.start}:{r.stop}' + (f':{r.step}' if r.step != 1 else '') for r in region)
@@ -231,55 +326,6 @@ def _source_of_value(key: KeyPath, value: Any) -> Source:
         kind = 'scalar'
     array = value if hasattr(value, 'dtype') else np.asarray(value)
     return Source(key, tuple(np.shape(array)), np.dtype(array.dtype), None, kind)
-
-
-def _checked_directory(path: epath.Path) -> epath.Path:
-    """The item directory, or an error saying exactly what is there instead."""
-    for part in (path, *path.parents):
-        if _TMP_MARK in part.name:
-            raise UnfinalizedCheckpointError(
-                f'{part} is a temporary directory: its save was interrupted or is still '
-                'running, and Orbax never finalized it. Restore a finalized step instead.'
-            )
-    if not path.exists():
-        _raise_missing(path)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f'{path} is a file, not an Orbax checkpoint directory.')
-    if (path / '_METADATA').exists():
-        return path
-    children = sorted(p.name for p in path.iterdir() if p.is_dir())
-    items = [c for c in children if (path / c / '_METADATA').exists()]
-    if items:
-        raise CheckpointNotFoundError(
-            f'{path} is a step directory holding the items {items}; pass one of them, '
-            f'e.g. {str(path / items[0])!r}, or restore through a CheckpointManager.'
-        )
-    steps = [c for c in children if c.isdigit()]
-    if steps:
-        raise CheckpointNotFoundError(
-            f'{path} is a CheckpointManager directory with steps {steps[-5:]}; pass '
-            f'{str(path / steps[-1])!r}/<item>, or use CheckpointManager.restore.'
-        )
-    raise CheckpointNotFoundError(
-        f'{path} holds no Orbax PyTree checkpoint (no _METADATA file); was it saved '
-        'with StandardSave or PyTreeSave?'
-    )
-
-
-def _raise_missing(path: epath.Path) -> None:
-    existing = next((p for p in path.parents if p.exists()), None)
-    hint = ''
-    if existing is not None and existing.is_dir():
-        names = [p.name for p in existing.iterdir()]
-        wanted = path.relative_to(existing).parts[0]
-        pending = [n for n in names if n.startswith(wanted + _TMP_MARK)]
-        if pending:
-            raise UnfinalizedCheckpointError(
-                f'{path} does not exist, but {existing / pending[0]} does: that save was '
-                'interrupted or is still running, and was never finalized.'
-            )
-        hint = did_you_mean(wanted, names)
-    raise CheckpointNotFoundError(f'No checkpoint at {path}: it does not exist.{hint}')
 
 
 def open_source(path: epath.PathLike | ArraySource) -> ArraySource:

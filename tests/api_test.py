@@ -11,6 +11,7 @@ def test_public_api_is_pinned():
         'AmbiguousRuleError',
         'Cast',
         'CheckpointNotFoundError',
+        'ChecksumMismatchError',
         'Combine',
         'Copy',
         'DestinationExistsError',

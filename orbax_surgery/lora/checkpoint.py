@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import threadpoolctl
 from etils import epath
 
+from orbax_surgery.checksums import verified
 from orbax_surgery.errors import (
     AmbiguousRuleError,
     LoraMismatchError,
@@ -74,11 +75,12 @@ class LoraCheckpointHandler(PyTreeItemHandler):
             raise SurgeryError('LoraCheckpointHandler saves only with args=LoraSave(item, lora).')
         record = {'layout': args.layout.to_json(), 'spec': args.spec_json}
         metadata = {**(args.custom_metadata or {}), METADATA_KEY: record}
-        return await self._impl.async_save(
+        return await self.save_tree(
             directory,
-            args=ocp.args.PyTreeSave(
-                item=args.trainable, save_args=args.save_args, custom_metadata=metadata
-            ),
+            args.trainable,
+            save_args=args.save_args,
+            custom_metadata=metadata,
+            checksums=args.checksums,
         )
 
     def restore(
@@ -103,6 +105,8 @@ class LoraSave(ocp.args.CheckpointArgs):
             `item` also holds the base weights to bind it to.
         save_args: Optional `ocp.SaveArgs` tree for the trainable tree.
         custom_metadata: More JSON metadata to store beside the layout.
+        checksums: Also record a digest of every saved block, for restores
+            with `verify=True` (see `orbax_surgery.checksums`).
         layout: The resolved layout (set when the args are built).
         trainable: The tree written, checked when the args are built.
 
@@ -127,6 +131,7 @@ class LoraSave(ocp.args.CheckpointArgs):
     lora: LoraLayout | LoraSpec
     save_args: PyTree | None = None
     custom_metadata: dict[str, Any] | None = None
+    checksums: bool = False
     layout: LoraLayout = dataclasses.field(init=False, repr=False, compare=False)
     trainable: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
     spec_json: dict[str, Any] | None = dataclasses.field(init=False, repr=False, compare=False)
@@ -175,6 +180,9 @@ class LoraRestore(ocp.args.CheckpointArgs):
         base_rules: Rules from the base checkpoint's keys to the target's
             (renames, `Unstack`, `Drop('opt_state/.*')`, ...).
         max_inflight_bytes: Host bytes read but not yet placed on devices.
+        verify: Check every block read, of the adapters and of the base,
+            against the checksums their saves recorded (`checksums=True`);
+            both must have them (see `orbax_surgery.checksums`).
 
     Example:
         >>> import tempfile, numpy as np
@@ -203,6 +211,7 @@ class LoraRestore(ocp.args.CheckpointArgs):
     lora: LoraLayout | LoraSpec | None = None
     base_rules: Rules = ()
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    verify: bool = False
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -278,8 +287,12 @@ def _prepare(directory: epath.PathLike, args: LoraRestore) -> Prepared:
     if args.lora is not None:
         _given_layout(args.lora, args.target, saved).check_same(saved, where)
     base = None if args.base is None else open_source(args.base)
+    source: ArraySource = adapters
+    if args.verify:
+        source = verified(adapters)
+        base = None if base is None else verified(base)
     return plan_adapters(
-        adapters, saved, base=base, target=args.target, mode=args.mode, base_rules=args.base_rules
+        source, saved, base=base, target=args.target, mode=args.mode, base_rules=args.base_rules
     )
 
 
