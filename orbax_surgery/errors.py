@@ -158,3 +158,22 @@ class DestinationExistsError(SurgeryError, FileExistsError):
         Traceback (most recent call last):
         orbax_surgery.errors.DestinationExistsError: ... exists; the export leaves it untouched. ...
     """
+
+
+class PeerTimeoutError(SurgeryError, TimeoutError):
+    """Another process of a multi-process job did not reach a barrier in time.
+
+    It died, hangs or is far behind. The message names the barrier, the
+    processes, the timeout, and what the operation left on disk. Also a
+    `TimeoutError`.
+
+    Example:
+        >>> from orbax_surgery.barrier import Barrier
+        >>> barrier = Barrier('orbax_surgery.export', call=1, timeout_secs=5, process=0, count=2)
+        >>> raise barrier.timed_out('written', 'Task 1 never came.', 'Nothing was finalized.')
+        ... # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        orbax_surgery.errors.PeerTimeoutError: Process 0 waited 5 s at barrier
+        'orbax_surgery.export.1.written' for processes [0, 1]; not all came
+        (Task 1 never came.). Nothing was finalized.
+    """
