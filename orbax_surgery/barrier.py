@@ -10,6 +10,7 @@ a `PeerTimeoutError` that says what was left on disk.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -64,26 +65,33 @@ class Barrier:
         if self.process == 0:
             _client().key_value_set(key, value)
             return value
+        start = time.monotonic()
         try:
             return _client().blocking_key_value_get(key, self._timeout_ms)
         except jax.errors.JaxRuntimeError as e:
-            raise self.timed_out('shared', _first_line(e), 'Nothing was written.') from e
+            waited = time.monotonic() - start
+            raise self.timed_out('shared', waited, _first_line(e), 'Nothing was written.') from e
 
     def wait(self, point: str, *, left: str) -> None:
         """Waits until every process reaches `point`; `left` says what a timeout leaves."""
         if self.count == 1:
             return
+        start = time.monotonic()
         try:
             _client().wait_at_barrier(self._id(point), self._timeout_ms)
         except jax.errors.JaxRuntimeError as e:
-            raise self.timed_out(point, _first_line(e), left) from e
+            raise self.timed_out(point, time.monotonic() - start, _first_line(e), left) from e
 
-    def timed_out(self, point: str, detail: str, left: str) -> PeerTimeoutError:
-        """The error for a wait at `point` that failed with the coordination service's `detail`."""
+    def timed_out(self, point: str, waited: float, detail: str, left: str) -> PeerTimeoutError:
+        """The error for a wait at `point` that the coordination service ended with `detail`.
+
+        It ends a wait at the timeout, or sooner once it finds a peer dead (no
+        heartbeats for `jax.distributed.initialize(heartbeat_timeout_seconds=...)`).
+        """
         return PeerTimeoutError(
-            f'Process {self.process} waited {self.timeout_secs:g} s at barrier '
-            f'{self._id(point)!r} for processes {list(range(self.count))}; not all came '
-            f'({detail}). {left}'
+            f'Process {self.process} gave up after {waited:.1f} s '
+            f'(timeout {self.timeout_secs:g} s) at barrier {self._id(point)!r}: '
+            f'not all of processes {list(range(self.count))} reached it. {left} The coordination service said: {detail}'
         )
 
     def _id(self, point: str) -> str:

@@ -170,10 +170,10 @@ class PeerTimeoutError(SurgeryError, TimeoutError):
     Example:
         >>> from orbax_surgery.barrier import Barrier
         >>> barrier = Barrier('orbax_surgery.export', call=1, timeout_secs=5, process=0, count=2)
-        >>> raise barrier.timed_out('written', 'Task 1 never came.', 'Nothing was finalized.')
+        >>> raise barrier.timed_out('written', 5.0, 'DEADLINE_EXCEEDED: ...', 'Nothing written.')
         ... # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
-        orbax_surgery.errors.PeerTimeoutError: Process 0 waited 5 s at barrier
-        'orbax_surgery.export.1.written' for processes [0, 1]; not all came
-        (Task 1 never came.). Nothing was finalized.
+        orbax_surgery.errors.PeerTimeoutError: Process 0 gave up after 5.0 s (timeout 5 s) at
+        barrier 'orbax_surgery.export.1.written': not all of processes [0, 1] reached it.
+        Nothing written. The coordination service said: DEADLINE_EXCEEDED: ...
     """
