@@ -91,7 +91,8 @@ class Barrier:
         return PeerTimeoutError(
             f'Process {self.process} gave up after {waited:.1f} s '
             f'(timeout {self.timeout_secs:g} s) at barrier {self._id(point)!r}: '
-            f'not all of processes {list(range(self.count))} reached it. {left} The coordination service said: {detail}'
+            f'not all of processes {list(range(self.count))} reached it. {left} '
+            f'The coordination service said: {detail}'
         )
 
     def _id(self, point: str) -> str:
