@@ -89,7 +89,9 @@ time (--max-inflight-bytes), with a progress bar on stderr. The destination
 appears only once complete: an interrupted convert leaves no DST (only a
 DST.converting-* directory, removed by the next convert to DST), and running
 it again works. An existing DST is refused unless --overwrite, which
-replaces it only once the new one is complete.
+replaces it only once the new one is complete (in one atomic swap on Linux;
+elsewhere a kill at that moment can leave the old one at DST.replaced-*,
+which `inspect DST` points to and the next convert to DST removes).
 
 Runs on CPU (set JAX_PLATFORMS to choose otherwise).
 

@@ -27,10 +27,8 @@ import pytest
 from crash_worker import RULES_TOML, lora, manager_options, stacked, unrolled
 
 import orbax_surgery as osurg
-from orbax_surgery import cli
+from orbax_surgery import atomic, cli
 from orbax_surgery.keys import flatten
-
-pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name('crash_worker.py')
 KILLS = 20
@@ -115,6 +113,7 @@ def kill_series(writer: str, workdir: Path, seed: int, check, rerun, step_of=lam
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('to', ['orbax', 'safetensors'])
 def test_convert_killed_at_random_moments(tmp_path, to):
     with ocp.StandardCheckpointer() as ckptr:
@@ -212,6 +211,7 @@ def save_args(writer: str, step: int):
     return ocp.args.Composite(adapters=osurg.LoraSave(item=trainable, lora=layout))
 
 
+@pytest.mark.slow
 def test_surgery_save_killed_at_random_moments(tmp_path):
     def restore_step(manager, step):
         return manager.restore(step, args=osurg.SurgeryRestore())
@@ -219,8 +219,70 @@ def test_surgery_save_killed_at_random_moments(tmp_path):
     manager_series(tmp_path, 'surgery-save', restore_step, stacked, seed=20)
 
 
+@pytest.mark.slow
 def test_lora_save_killed_at_random_moments(tmp_path):
     def restore_step(manager, step):
         return manager.restore(step, args=ocp.args.Composite(adapters=osurg.LoraRestore())).adapters
 
     manager_series(tmp_path, 'lora-save', restore_step, lambda step: lora(step)[1], seed=30)
+
+
+def test_a_kill_after_the_swap_leaves_the_new_result_in_place(tmp_path, monkeypatch):
+    (tmp_path / 'new').mkdir()
+    (tmp_path / 'new' / 'x').write_text('new')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'x').write_text('old')
+
+    def killed(path):
+        raise KeyboardInterrupt  # As a SIGKILL would stop it: before the old one is removed.
+
+    monkeypatch.setattr(atomic, '_remove', killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.move_into_place(tmp_path / 'new', tmp_path / 'out', aside='.replaced-')
+    # One atomic swap: the destination is the new result; the old one took its temporary name.
+    assert (tmp_path / 'out' / 'x').read_text() == 'new'
+    assert (tmp_path / 'new' / 'x').read_text() == 'old'
+
+
+def test_without_the_swap_a_failed_second_rename_puts_the_old_result_back(tmp_path, monkeypatch):
+    (tmp_path / 'new').mkdir()
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'x').write_text('old')
+    monkeypatch.setattr(atomic, '_exchange', lambda a, b: False)
+    renames = []
+
+    def rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError('disk gone')
+        os.replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, 'rename', rename)
+    with pytest.raises(OSError, match='disk gone'):
+        atomic.move_into_place(tmp_path / 'new', tmp_path / 'out', aside='.replaced-')
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['new', 'out']
+    assert (tmp_path / 'out' / 'x').read_text() == 'old'
+
+
+def test_convert_after_a_kill_between_the_two_renames(tmp_path, capsys):
+    """Without the swap, a kill between the renames leaves no DST and the old one aside."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / 'src', unrolled(0))
+    (tmp_path / 'rules.toml').write_text(RULES_TOML)
+    dst = tmp_path / 'dst'
+    rules = ['--rules', str(tmp_path / 'rules.toml'), '-q']
+    assert cli.main(['convert', str(tmp_path / 'src'), str(dst), *rules]) == 0
+    os.rename(dst, tmp_path / 'dst.replaced-1a2b3c4d')  # What the kill left.
+    capsys.readouterr()
+    # inspect and plan say where the old result is.
+    assert cli.main(['inspect', str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f'No checkpoint at {dst}: a `convert --overwrite` to it was killed' in err, err
+    assert f'the previous result is at {tmp_path}/dst.replaced-1a2b3c4d' in err, err
+    assert cli.main(['plan', str(dst)]) == 2
+    assert 'dst.replaced-1a2b3c4d' in capsys.readouterr().err
+    # Converting again makes DST, then removes the old result.
+    assert cli.main(['convert', str(tmp_path / 'src'), str(dst), *rules]) == 0
+    assert_same(osurg.restore(dst), stacked(0), 'dst')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['dst', 'rules.toml', 'src']
