@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-LAYERS, ROWS, COLS, RANK = 8, 1024, 512, 128
+LAYERS, ROWS, COLS, RANK = 16, 1024, 512, 128
 KEEP = 3  # Steps the writers' managers keep: saves also delete old steps.
 # Orbax deletes an old step in place, file by file: killed midway, it leaves a step
 # directory that a new manager lists but cannot restore. Moved to a subdirectory
