@@ -5,6 +5,11 @@ peer that hangs, or a host that vanishes without closing its connections,
 holds the others forever. These barriers use the JAX coordination service
 (`wait_at_barrier`), which gives up after a timeout, and turn its error into
 a `PeerTimeoutError` that says what was left on disk.
+
+A dead peer's missed heartbeats (`heartbeat_timeout_seconds` of
+`jax.distributed.initialize`) also end a wait, early; but unless
+`jax_enable_recoverability` is set, JAX then terminates every other process
+(LOG(FATAL), SIGABRT) as well, whatever Python was doing.
 """
 
 from __future__ import annotations

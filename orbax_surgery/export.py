@@ -143,6 +143,9 @@ def save_safetensors(
             others at a barrier (created, written, finalized) before it gives up
             with `PeerTimeoutError`: a peer that died or hangs never holds the
             others forever. It must exceed the spread of the processes' write times.
+            (Unless `jax_enable_recoverability` is set, JAX itself terminates the
+            other processes once a peer misses its heartbeats for
+            `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s.)
 
     Returns:
         What was written, with this process's share.
