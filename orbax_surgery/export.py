@@ -145,7 +145,7 @@ def save_safetensors(
             others forever. It must exceed the spread of the processes' write times.
             (Unless `jax_enable_recoverability` is set, JAX itself terminates the
             other processes once a peer misses its heartbeats for
-            `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s.)
+            `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s by default.)
 
     Returns:
         What was written, with this process's share.
