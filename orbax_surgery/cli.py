@@ -18,9 +18,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_surgery.atomic import move_into_place
+from orbax_surgery.atomic import move_into_place, replaced_siblings
 from orbax_surgery.checksums import verified
-from orbax_surgery.errors import DestinationExistsError, SurgeryError
+from orbax_surgery.errors import CheckpointNotFoundError, DestinationExistsError, SurgeryError
 from orbax_surgery.export import DEFAULT_MAX_SHARD_SIZE, save_safetensors
 from orbax_surgery.handler import SurgeryCheckpointHandler, SurgerySave
 from orbax_surgery.keys import PyTree, nest
@@ -90,7 +90,9 @@ time (--max-inflight-bytes), with a progress bar on stderr. The destination
 appears only once complete: an interrupted convert leaves no DST (only a
 DST.converting-* directory, removed by the next convert to DST), and running
 it again works. An existing DST is refused unless --overwrite, which
-replaces it only once the new one is complete.
+replaces it only once the new one is complete (in one atomic swap on Linux;
+elsewhere a kill at that moment can leave the old one at DST.replaced-*,
+which `inspect DST` points to and the next convert to DST removes).
 
 Runs on CPU (set JAX_PLATFORMS to choose otherwise).
 
@@ -262,6 +264,7 @@ def _use_cpu() -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     _use_cpu()
+    _check_not_mid_replace(os.path.abspath(args.path))
     description = describe(os.path.abspath(args.path), step=args.step)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0
@@ -280,6 +283,7 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
     target = rules_file.target
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
+    _check_not_mid_replace(os.path.abspath(args.src))
     src = item_path(os.path.abspath(args.src), step=args.step, item=args.item)
     opened = open_source(src)
     if getattr(args, 'verify', False):
@@ -333,6 +337,10 @@ def _convert(args: argparse.Namespace) -> int:
         for leftover in dst.parent.glob(f'{partial.name}*'):
             shutil.rmtree(leftover, ignore_errors=True)
         raise
+    for old in replaced_siblings(dst, _REPLACED):  # Kept until now, in case this one failed.
+        if not args.quiet:
+            print(f'Removing {old}, left by an interrupted --overwrite.', file=sys.stderr)
+        shutil.rmtree(old)
     if not args.quiet:
         secs = time.monotonic() - start
         print(
@@ -400,6 +408,17 @@ def _nbytes(step: Step) -> int:
     leaf = step.target
     assert leaf.dtype is not None, f'unresolved {leaf.key!r}'
     return math.prod(leaf.shape or ()) * leaf.dtype.itemsize
+
+
+def _check_not_mid_replace(path: str) -> None:
+    """A missing `path` that a killed `convert --overwrite` moved aside: say where it is."""
+    old = replaced_siblings(epath.Path(path), _REPLACED)
+    if old and not os.path.lexists(path):
+        raise CheckpointNotFoundError(
+            f'No checkpoint at {path}: a `convert --overwrite` to it was killed while replacing '
+            f'it, and the previous result is at {old[-1]}. Move it back (mv {old[-1]} {path}), '
+            'or run the convert again (it removes the old one once the new one is in place).'
+        )
 
 
 def _remove_leftovers(dst: epath.Path, *, quiet: bool) -> None:

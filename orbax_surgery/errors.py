@@ -180,3 +180,22 @@ class ChecksumMismatchError(SourceReadError):
         Traceback (most recent call last):
         orbax_surgery.errors.ChecksumMismatchError: ...2: 'w' block (0,) [0:4] does not match ...
     """
+
+
+class PeerTimeoutError(SurgeryError, TimeoutError):
+    """Another process of a multi-process job did not reach a barrier in time.
+
+    It died, hangs or is far behind. The message names the barrier, the
+    processes, the timeout, and what the operation left on disk. Also a
+    `TimeoutError`.
+
+    Example:
+        >>> from orbax_surgery.barrier import Barrier
+        >>> barrier = Barrier('orbax_surgery.export', call=1, timeout_secs=5, process=0, count=2)
+        >>> raise barrier.timed_out('written', 5.0, 'DEADLINE_EXCEEDED: ...', 'Nothing written.')
+        ... # doctest: +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        orbax_surgery.errors.PeerTimeoutError: Process 0 gave up after 5.0 s (timeout 5 s) at
+        barrier 'orbax_surgery.export.1.written': not all of processes [0, 1] reached it.
+        Nothing written. The coordination service said: DEADLINE_EXCEEDED: ...
+    """

@@ -34,6 +34,7 @@ from etils import epath
 
 from orbax_surgery import regions
 from orbax_surgery.atomic import move_into_place
+from orbax_surgery.barrier import DEFAULT_PEER_TIMEOUT_SECS, Barrier
 from orbax_surgery.errors import DestinationExistsError, SourceReadError, SurgeryError
 from orbax_surgery.expr import Source
 from orbax_surgery.keys import KeyPath, PyTree
@@ -114,6 +115,7 @@ def save_safetensors(
     overwrite: bool = False,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     progress: Callable[[int], None] | None = None,
+    peer_timeout_secs: float = DEFAULT_PEER_TIMEOUT_SECS,
 ) -> Exported:
     """Writes a checkpoint or a live tree as Hugging Face safetensors, shard by shard.
 
@@ -137,6 +139,13 @@ def save_safetensors(
         overwrite: Replace an existing destination, once the new one is complete.
         max_inflight_bytes: Host bytes computed but not yet written, per process.
         progress: Called with the tensor bytes of each block this process wrote.
+        peer_timeout_secs: With several processes, how long each waits for the
+            others at a barrier (created, written, finalized) before it gives up
+            with `PeerTimeoutError`: a peer that died or hangs never holds the
+            others forever. It must exceed the spread of the processes' write times.
+            (Unless `jax_enable_recoverability` is set, JAX itself terminates the
+            other processes once a peer misses its heartbeats for
+            `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s by default.)
 
     Returns:
         What was written, with this process's share.
@@ -145,6 +154,9 @@ def save_safetensors(
         SurgeryError: The plan has errors, a dtype safetensors cannot hold, two
             keys with one tensor name, or bad arguments; nothing was written.
         DestinationExistsError: `directory` exists and `overwrite` is False.
+        PeerTimeoutError: Another process did not reach a barrier in time; the
+            message says whether the export was finalized (only if the peer
+            failed after every byte was written).
 
     Example:
         >>> import tempfile, numpy as np, orbax_surgery as osurg
@@ -171,22 +183,27 @@ def save_safetensors(
             f'{directory} exists; the export leaves it untouched. Choose another directory, '
             'or pass overwrite=True to replace it once the new export is complete.'
         )
-    tmp = directory.parent / f'{directory.name}.tmp-{_shared_token():08x}'
+    barrier = Barrier.start('orbax_surgery.export', timeout_secs=peer_timeout_secs)
+    tmp = directory.parent / f'{directory.name}.tmp-{barrier.share(secrets.token_hex(4))}'
+    unfinished = f'The export left nothing finalized: {directory} is as it was.'
     try:
         if jax.process_index() == 0:
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             _create_files(tmp, layout)
-        _sync('orbax_surgery.export.created')
+        barrier.wait('created', left=unfinished)
         written = run_sync(_write_blocks(mine, src, tmp, layout, max_inflight_bytes, progress))
-        _sync('orbax_surgery.export.written')
+        barrier.wait('written', left=unfinished)
         if jax.process_index() == 0:
             _write_index(tmp, layout)
             move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _sync('orbax_surgery.export.finalized')
+    done = f'The export is finalized and whole at {directory}.'
+    if jax.process_index() != 0:
+        done = f'Every byte was written; {directory} is whole if process 0 finalized it.'
+    barrier.wait('finalized', left=done)
     files = layout.names + ((INDEX_FILE,) if len(layout.names) > 1 else ())
     return Exported(directory, files, layout.total_size, written)
 
@@ -463,23 +480,6 @@ def _split(region: Region, itemsize: int, limit: int) -> list[Region]:
         region[:axis] + (r[i : i + step],) + region[axis + 1 :] for i in range(0, len(r), step)
     ]
     return [piece for part in parts for piece in _split(part, itemsize, limit)]
-
-
-def _shared_token() -> int:
-    """A random name part, the same on every process."""
-    token = secrets.randbits(31)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
-    return token
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _create_files(directory: epath.Path, layout: _Layout) -> None:

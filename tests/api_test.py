@@ -31,6 +31,7 @@ def test_public_api_is_pinned():
         'ModuleLists',
         'OrbaxCheckpoint',
         'OrbaxTransforms',
+        'PeerTimeoutError',
         'PeftAdapter',
         'Plan',
         'Rename',
