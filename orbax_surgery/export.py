@@ -35,8 +35,7 @@ from etils import epath
 from orbax_surgery import regions
 from orbax_surgery.atomic import move_into_place
 from orbax_surgery.barrier import DEFAULT_PEER_TIMEOUT_SECS, Barrier
-from orbax_surgery.errors import DestinationExistsError, SourceReadError, SurgeryError
-from orbax_surgery.expr import Source
+from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, run_sync
 from orbax_surgery.plan import Rules, Step, resolve
@@ -211,74 +210,10 @@ def save_safetensors(
 def _as_source(source: Any) -> ArraySource:
     if isinstance(source, str | os.PathLike):
         return open_source(source)
-    if type(source) is TreeSource:
-        return _ShardedTree(source.values)
     kind = type(source)
     if callable(getattr(kind, 'read', None)) and hasattr(kind, 'open'):
         return source
-    return _ShardedTree(source)
-
-
-class _ShardedTree(TreeSource):
-    """A live tree whose jax.Arrays are read from this process's shards, never gathered."""
-
-    async def read(self, source: Source, region: Region) -> np.ndarray:
-        value = self.values[source.key]
-        if not isinstance(value, jax.Array):
-            return await super().read(source, region)
-        ascending, flips = regions.split_ascending(region)
-        out = np.empty(regions.shape_of(ascending), source.dtype)
-        filled = 0
-        for shard_region, shard in _distinct_shards(value).items():
-            inside = _clip(ascending, shard_region)
-            if inside is None:
-                continue
-            local = tuple(
-                range(r.start - s.start, r.stop - s.start, r.step)
-                for r, s in zip(inside, shard_region, strict=True)
-            )
-            at = tuple(_positions(r, a) for r, a in zip(inside, ascending, strict=True))
-            out[at] = _take(shard.data, local)
-            filled += regions.size_of(inside)
-        if filled != out.size:
-            raise SourceReadError(
-                f'Process {jax.process_index()} holds only part of '
-                f'{key_region(source.key, region)}; the export cannot gather across processes.'
-            )
-        self.bytes_read[source.key] += out.nbytes
-        return np.flip(out, flips) if flips else out
-
-
-def _take(data: jax.Array, region: Region) -> np.ndarray:
-    """A region of one device's shard on the host: a view on CPU, else a copy of just it."""
-    if all(d.platform == 'cpu' for d in data.devices()):
-        return regions.take(np.asarray(data), region)
-    return np.asarray(data[tuple(regions.to_slice(r) for r in region)])
-
-
-def _distinct_shards(value: jax.Array) -> dict[Region, Any]:
-    out: dict[Region, Any] = {}
-    for shard in value.addressable_shards:
-        out.setdefault(regions.from_index(shard.index, value.shape), shard)
-    return out
-
-
-def _clip(region: Region, box: Region) -> Region | None:
-    """The part of an ascending region inside a unit-step box, or None if empty."""
-    out = []
-    for r, b in zip(region, box, strict=True):
-        first = r.start if r.start >= b.start else r.start - (r.start - b.start) // r.step * r.step
-        part = range(first, min(r.stop, b.stop), r.step)
-        if not part:
-            return None
-        out.append(part)
-    return tuple(out)
-
-
-def _positions(inner: range, outer: range) -> slice:
-    """Where the elements of `inner` sit in `outer` (both ascending, same step)."""
-    start = (inner.start - outer.start) // outer.step
-    return slice(start, start + len(inner))
+    return TreeSource(source)
 
 
 def _with_natural_sharding(step: Step, source: ArraySource) -> Step:
@@ -455,11 +390,11 @@ def _readers(
         if src.key not in cache:
             cache[src.key] = _held(value.sharding, tuple(value.shape))
         for box, processes in cache[src.key].items():
-            inside = _clip(sub, box)
+            inside = regions.clip(sub, box)
             if inside is None:
                 continue
             # Counted in `sub`'s own positions, so strided requests count elements, not spans.
-            at = tuple(range(p.start, p.stop) for p in map(_positions, inside, sub))
+            at = tuple(range(p.start, p.stop) for p in map(regions.positions, inside, sub))
             for p in processes:
                 by_process.setdefault(p, []).append(at)
         size = regions.size_of(sub)

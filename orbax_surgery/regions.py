@@ -110,6 +110,34 @@ def split_ascending(region: Region) -> tuple[Region, tuple[int, ...]]:
     return tuple(ascending(r) for r in region), flips
 
 
+def clip(region: Region, box: Region) -> Region | None:
+    """The part of an ascending region inside a unit-step box, or None if empty.
+
+    Example:
+        >>> clip((range(0, 10, 3),), (range(2, 8),))
+        (range(3, 8, 3),)
+    """
+    out = []
+    for r, b in zip(region, box, strict=True):
+        first = r.start if r.start >= b.start else r.start - (r.start - b.start) // r.step * r.step
+        part = range(first, min(r.stop, b.stop), r.step)
+        if not part:
+            return None
+        out.append(part)
+    return tuple(out)
+
+
+def positions(inner: range, outer: range) -> slice:
+    """Where the elements of `inner` sit in `outer` (both ascending, same step).
+
+    Example:
+        >>> positions(range(3, 8, 3), range(0, 10, 3))
+        slice(1, 3, None)
+    """
+    start = (inner.start - outer.start) // outer.step
+    return slice(start, start + len(inner))
+
+
 def pieces(request: range, sizes: Sequence[int]) -> Iterator[tuple[int, range, range]]:
     """Splits a request along a concatenated axis into per-piece requests.
 

@@ -86,13 +86,11 @@ result: dict = {'process': jax.process_index(), 'case': case}
 start = time.monotonic()
 try:
     if case == 'save':
-        # From the saved step: SurgerySave cannot yet read live multi-process arrays.
-        source = osurg.OrbaxCheckpoint(f'{workdir}/run/1/default')
         stacked = NamedSharding(mesh, P(None, 'x'))
         stacked_leaf = jax.ShapeDtypeStruct((LAYERS, ROWS, COLS), np.float32, sharding=stacked)
         target = {'layers': {'w': stacked_leaf}}
         stack = osurg.Stack(r'layers_{i}/w', 'layers/w')
-        args = osurg.SurgerySave(item=source, target=target, rules=[stack], progress=die_here)
+        args = osurg.SurgerySave(item=tree, target=target, rules=[stack], progress=die_here)
         with manager() as m:
             m.save(2, args=args)
             m.wait_until_finished()
