@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from orbax_surgery.errors import PeerTimeoutError
+from orbax_surgery.errors import PeerTimeoutError, SurgeryError
 
 DEFAULT_PEER_TIMEOUT_SECS = 1200.0
 """As Orbax's `AsyncOptions.timeout_secs`: enough for the slowest process to finish its share."""
@@ -56,7 +56,9 @@ class Barrier:
     def start(cls, name: str, *, timeout_secs: float) -> Barrier:
         """Numbers this process's next call of `name` (in the coordination service)."""
         if not timeout_secs > 0:
-            raise ValueError(f'timeout_secs must be > 0 seconds, not {timeout_secs!r}.')
+            raise SurgeryError(
+                f'{name}: the peer timeout must be > 0 seconds, not {timeout_secs!r}.'
+            )
         call = 1
         if jax.process_count() > 1:
             call = _client().key_value_increment(f'{name}/calls/{jax.process_index()}', 1)
