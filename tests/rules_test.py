@@ -209,3 +209,12 @@ def test_rule_reprs_are_readable():
         == "MapValue('w', tanh, elementwise=True)"
     )
     assert re.fullmatch(r"Rename\(pattern='a', replacement='b'\)", repr(osurg.Rename('a', 'b')))
+
+
+def test_a_catastrophic_regex_is_a_rule_error_not_a_hang(monkeypatch):
+    from orbax_surgery import keys
+
+    monkeypatch.setattr(keys, 'MATCH_TIMEOUT', 0.05)
+    tree = {'a' * 40 + 'b': np.ones(2), 'w': np.ones(2)}
+    with pytest.raises(osurg.RuleError, match=re.escape("Drop(pattern='(a|aa)+$'): matching")):
+        osurg.apply_rules(tree, {'w': ...}, [osurg.Drop(r'(a|aa)+$')])
