@@ -333,7 +333,7 @@ class MapValue(_Map):
         return f'MapValue({self.pattern!r}, {fn_name(self.fn)}{extra})'
 
     def rewrite(self, value):
-        out = self.out or predict_or_explain(self.fn, value)
+        out = self.out if self.out is not None else predict_or_explain(self.fn, value)
         label = fn_name(self.fn)
         if not self.elementwise:
             fn = self.fn
@@ -390,7 +390,7 @@ class Combine(_Pattern):
                     )
             parts = tuple(tree[n].expr for n in names)
             try:
-                result = self.out or predict_or_explain(self.fn, *parts)
+                result = self.out if self.out is not None else predict_or_explain(self.fn, *parts)
             except RuleError as e:
                 raise RuleError(f'{self!r} for target {key!r}: {e}') from e
             node = Apply(self._call, parts, tuple(result.shape), result.dtype, fn_name(self.fn))
