@@ -1,0 +1,297 @@
+"""Fuzzing: random trees, rules and targets give the reference's result or a SurgeryError.
+
+Every outcome of building the rules, `resolve`, `apply_rules` and (for a share
+of examples) a lazy `restore` from an Orbax checkpoint must be either equal to
+`fuzz_strategies.Reference` (values, dtypes, shapes, kinds, structure) or a
+`SurgeryError`; never another exception, a hang or a crash. A hang is turned
+into a crash with every thread's traceback by `faulthandler`.
+
+Reproducible: `derandomize=True` and no example database. The slow tests run
+2,000 examples in memory and 300 through Orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import fuzz_strategies as fz
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import orbax_surgery as osurg
+from orbax_surgery import keys as keys_module
+
+HANG_SECONDS = 120
+"""No example takes near this long; past it the process dumps its threads and exits."""
+
+FUZZ = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+_REAL_STDERR: list[Any] = []
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _real_stderr(request):
+    """A handle on the terminal's stderr, which pytest's capture would swallow on exit."""
+    capture = request.config.pluginmanager.getplugin('capturemanager')
+    with capture.global_and_fixture_disabled():
+        _REAL_STDERR.append(os.fdopen(os.dup(2), 'w'))
+    yield
+    _REAL_STDERR.pop().close()
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """Fails loudly on a hang, and silences NumPy's overflow warnings.
+
+    A cast that overflows (1e300 to float16) warns in NumPy and in the reference
+    alike; the result is compared, not the warning.
+    """
+    out = _REAL_STDERR[-1] if _REAL_STDERR else sys.stderr
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True, file=out)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)
+            warnings.simplefilter('ignore', np.exceptions.ComplexWarning)
+            yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def _short_regex_timeout(monkeypatch):
+    """Catastrophic regexes give up sooner than by default, to keep the fuzz quick."""
+    if hasattr(keys_module, 'MATCH_TIMEOUT'):
+        monkeypatch.setattr(keys_module, 'MATCH_TIMEOUT', 0.2)
+
+
+def build(specs: list[fz.Spec]) -> list[Any] | fz.RefError:
+    """The rules, or the build error the reference expects (checked against the package)."""
+    rules = []
+    for spec in specs:
+        try:
+            fz.check_spec(spec)
+            want = None
+        except fz.RefError as e:
+            want = e
+        try:
+            rule = spec.build()
+        except osurg.SurgeryError as e:
+            assert want is not None, f'{spec!r} raised {e!r}, but it is a valid rule'
+            event('outcome: a rule is malformed')
+            return want
+        assert want is None, f'{spec!r} built, but {want}'
+        rules.append(rule)
+    return rules
+
+
+def expect(case: fz.Case, values, kinds) -> tuple[Any, dict] | fz.RefError:
+    try:
+        ref = fz.Reference(values, kinds, case.target)
+        for spec in case.specs:
+            ref.apply(spec)
+        return ref.result()
+    except fz.RefError as e:
+        return e
+
+
+def slow_patterns(case: fz.Case) -> bool:
+    return any(p in fz.CATASTROPHIC for s in case.specs for p in map(str, _strings(s.args)))
+
+
+def _strings(args: Any) -> Iterator[Any]:
+    for a in args:
+        if isinstance(a, dict):
+            yield from a
+        else:
+            yield a
+
+
+def allowed_error(e: BaseException, want: Any, case: fz.Case, phase: str | None = None) -> None:
+    """Checks an exception the package raised: a SurgeryError the reference expects."""
+    if not isinstance(e, osurg.SurgeryError):
+        raise AssertionError(f'{type(e).__name__} is not a SurgeryError: {e}') from e
+    if 'timed out' in str(e) and slow_patterns(case):
+        return  # The package gives up on a catastrophic regex sooner than the reference.
+    if not isinstance(want, fz.RefError):
+        raise AssertionError(f'raised {e!r}, but the reference gives a result') from e
+    if phase is not None and want.phase != phase:
+        raise AssertionError(f'raised {e!r} when planning, but the reference says {want}') from e
+
+
+def check_plan(plan_fn, want: Any, case: fz.Case) -> None:
+    """`resolve`/`plan_restore` raise a SurgeryError or list errors exactly when they should."""
+    try:
+        plan = plan_fn()
+    except Exception as e:
+        allowed_error(e, want, case, 'plan')
+        return
+    assert all(isinstance(e, osurg.SurgeryError) for e in plan.errors), plan.errors
+    str(plan)  # The report must not fail either.
+    assert all(r.needed >= 0 and r.chunked >= 0 for r in plan.reads.values())
+    if plan.errors:
+        if any('timed out' in str(e) for e in plan.errors) and slow_patterns(case):
+            return
+        assert isinstance(want, fz.RefError) and want.phase == 'plan', (plan.errors, want)
+    else:
+        assert not (isinstance(want, fz.RefError) and want.phase == 'plan'), want
+
+
+def check_result(got: Any, want: tuple[Any, dict]) -> None:
+    treedef, leaves = want
+    assert jax.tree_util.tree_structure(got) == treedef
+    flat = fz.flat_keys(got)
+    assert set(flat) == set(leaves), (set(flat), set(leaves))
+    for key, (v, leaf) in leaves.items():
+        check_leaf(key, flat[key], v, leaf)
+
+
+def check_leaf(key: str, got: Any, v: fz.V, leaf: fz.T) -> None:
+    want = v.value
+    if leaf.kind == 'jax.Array':
+        assert isinstance(got, jax.Array), (key, type(got))
+        if leaf.sharding is not None:
+            assert got.sharding == leaf.sharding, (key, got.sharding, leaf.sharding)
+        for shard in got.addressable_shards:
+            assert_same(np.asarray(shard.data), want[shard.index], key)
+    elif leaf.kind == 'np.ndarray':
+        assert isinstance(got, np.ndarray), (key, type(got))
+    else:
+        like = type(leaf.value)(want.item()) if leaf.has_value else want.item()
+        assert type(got) is type(like), (key, type(got), type(like))
+        assert got == like or got != got and like != like, (key, got, like)
+        return
+    assert got.shape == want.shape and got.dtype == want.dtype, (key, got, want)
+    assert_same(np.asarray(got), want, key)
+
+
+def assert_same(got: np.ndarray, want: np.ndarray, key: str) -> None:
+    """Equal dtype, shape and values, NaN equal to NaN (also for bfloat16 and float8)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (key, got, want)
+    if np.issubdtype(want.dtype, np.integer) or want.dtype == np.bool_ or want.dtype.kind in 'iub':
+        wide = np.int64 if want.dtype != np.uint64 else np.uint64
+        np.testing.assert_array_equal(got.astype(wide), want.astype(wide), err_msg=key)
+        return
+    wide = np.complex128 if np.iscomplexobj(want) else np.float64
+    a, b = got.astype(wide), want.astype(wide)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=key)
+    np.testing.assert_array_equal(a[~np.isnan(a)], b[~np.isnan(b)], err_msg=key)
+
+
+def run_in_memory(case: fz.Case) -> None:
+    """`resolve` and `apply_rules` on the tree in memory."""
+    rules = build(case.specs)
+    if isinstance(rules, fz.RefError):
+        return
+    try:
+        source = osurg.TreeSource(case.tree)
+    except Exception as e:
+        allowed_error(e, fz.RefError('plan', 'tree'), case)
+        return
+    values = {k: np.asarray(v) for k, v in source.values.items()}
+    compare(
+        case,
+        expect(case, values, {k: s.stored_kind for k, s in source.arrays.items()}),
+        lambda: osurg.resolve(source.arrays, case.target, rules),
+        lambda: osurg.apply_rules(case.tree, case.target, rules),
+    )
+
+
+def run_from_checkpoint(case: fz.Case, path: str) -> None:
+    """`plan_restore` and a lazy `restore` from the tree saved by plain Orbax."""
+    rules = build(case.specs)
+    if isinstance(rules, fz.RefError):
+        return
+    arrays = osurg.OrbaxCheckpoint(path).arrays
+    stored = fz.flat_keys(case.tree)
+    values = {k: np.asarray(stored[k]).astype(s.dtype) for k, s in arrays.items()}
+    compare(
+        case,
+        expect(case, values, {k: s.stored_kind for k, s in arrays.items()}),
+        lambda: osurg.plan_restore(path, case.target, rules),
+        lambda: osurg.restore(path, case.target, rules),
+    )
+
+
+def compare(case: fz.Case, want: Any, plan_fn, restore_fn) -> None:
+    """The plan and the restored tree agree with the reference, or raise a SurgeryError."""
+    check_plan(plan_fn, want, case)
+    try:
+        got = restore_fn()
+    except Exception as e:
+        allowed_error(e, want, case)
+        phase = want.phase if isinstance(want, fz.RefError) else 'timeout'
+        event(f'outcome: {type(e).__name__} ({phase})')
+        return
+    assert not isinstance(want, fz.RefError), f'gave a result, but the reference says {want}'
+    check_result(got, want)
+    event('outcome: the reference result')
+
+
+def savable(tree: Any) -> bool:
+    """Orbax writes no empty containers nor Python complex numbers: not what is fuzzed."""
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, dict | list))
+    empty = any(isinstance(x, dict | list) and not x for x in nodes)
+    return not empty and not any(isinstance(x, complex) for x in jax.tree_util.tree_leaves(tree))
+
+
+def in_memory(case: fz.Case) -> None:
+    with guarded():
+        run_in_memory(case)
+
+
+def from_checkpoint(case: fz.Case) -> None:
+    with guarded(), tempfile.TemporaryDirectory() as tmp:
+        path = f'{tmp}/ckpt'
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, case.tree)
+        run_from_checkpoint(case, path)
+
+
+# Orbax saves no zero-size arrays and no empty containers: not what is fuzzed here.
+checkpoint_trees = fz.trees(sizes=[1, 2, 3, 4]).filter(savable)
+
+
+@settings(FUZZ, max_examples=100)
+@given(fz.cases())
+def test_fuzz_quick(case):
+    in_memory(case)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=2000)
+@given(fz.cases())
+def test_fuzz_in_memory(case):
+    in_memory(case)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=300)
+@given(fz.cases(checkpoint_trees))
+def test_fuzz_from_an_orbax_checkpoint(case):
+    from_checkpoint(case)
+
+
+@settings(FUZZ, max_examples=5)
+@given(st.just(None))
+def test_fuzz_quick_checkpoint_smoke(_):
+    """One checkpoint round trip in the quick tier, so the Orbax path is not slow-only."""
+    from_checkpoint(
+        fz.Case({'a': np.arange(6.0).reshape(2, 3)}, [fz.Spec('Transpose', ('a', (1, 0)))], None)
+    )
