@@ -280,7 +280,10 @@ def union_size(parts: Sequence[Region], max_cells: int = 1 << 21) -> int:
     parts = list(dict.fromkeys(parts))
     if len(parts) <= 1:
         return size_of(parts[0]) if parts else 0
-    spans = [[(min(r), max(r) + 1) if r else (0, 0) for r in part] for part in parts]
+    # Not min(r): that walks every index of the range, for ever on a huge array.
+    spans = [
+        [(min(r[0], r[-1]), max(r[0], r[-1]) + 1) if r else (0, 0) for r in part] for part in parts
+    ]
     cuts = [sorted({b for span in spans for b in span[axis]}) for axis in range(len(spans[0]))]
     cells = math.prod(max(len(c) - 1, 0) for c in cuts)
     if cells > max_cells:
@@ -293,5 +296,7 @@ def union_size(parts: Sequence[Region], max_cells: int = 1 << 21) -> int:
                 for c, (lo, hi) in zip(cuts, span, strict=True)
             )
         ] = True
-    widths = np.ix_(*[np.diff(c) for c in cuts])
+    # Python ints where a product of widths could pass int64 (arrays of over 2**62 elements).
+    wide = math.prod(c[-1] - c[0] for c in cuts if c) >= 2**62
+    widths = np.ix_(*[np.diff(c).astype(object if wide else np.int64) for c in cuts])
     return int(np.sum(covered * math.prod(widths)))

@@ -99,3 +99,12 @@ def test_reshape_that_splits_heads_reads_only_the_needed_rows():
     in_region, gathers = mapping.input_region((range(0, 64), range(2, 4), range(64)))
     assert in_region == (range(0, 64), range(128, 256))
     assert gathers == [None, None]
+
+
+def test_union_size_of_huge_regions_is_exact_and_quick():
+    # min(range) walked all 2**40 indices; the widths' product passed int64.
+    a = (range(0, 2**40), range(2**30))
+    b = (range(2**40 - 1, 2**39 - 1, -1), range(2**29, 2**30))
+    assert regions.union_size([a, b]) == 2**70
+    c = (range(2**62 - 2, -1, -2), range(4))
+    assert regions.union_size([c, (range(0), range(0))]) == (2**62 - 1) * 4
