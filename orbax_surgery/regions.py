@@ -219,6 +219,11 @@ class ReshapeMap:
                 in_region[ins[0]] = req[0]
                 gathers.append(None)
                 continue
+            if ins and not all(req):  # Nothing requested: no index arrays (an axis may be 2**40).
+                for i in ins:
+                    in_region[i] = range(0)
+                gathers.append(None)
+                continue
             in_group = tuple(self.in_shape[i] for i in ins)
             out_group = tuple(self.out_shape[o] for o in outs)
             flat = _flat_indices(req, out_group)

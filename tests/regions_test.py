@@ -108,3 +108,13 @@ def test_union_size_of_huge_regions_is_exact_and_quick():
     assert regions.union_size([a, b]) == 2**70
     c = (range(2**62 - 2, -1, -2), range(4))
     assert regions.union_size([c, (range(0), range(0))]) == (2**62 - 1) * 4
+
+
+def test_an_empty_request_of_a_reshape_allocates_no_indices():
+    # An empty array reshaped to (1, 0, 2**40): indexing every element of the last axis
+    # raised MemoryError.
+    reshape = regions.ReshapeMap((0, 2), (1, 0, 2**40))
+    request = regions.full((1, 0, 2**40))
+    in_region, gathers = reshape.input_region(request)
+    assert in_region == (range(0), range(0)) and gathers == [None]
+    assert reshape.finish(np.zeros((0, 0)), request, gathers).shape == (1, 0, 2**40)
