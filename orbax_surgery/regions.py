@@ -226,6 +226,12 @@ class ReshapeMap:
                 continue
             in_group = tuple(self.in_shape[i] for i in ins)
             out_group = tuple(self.out_shape[o] for o in outs)
+            box_of_run = _box_of_run(_flat_run(req, out_group), in_group) if ins else None
+            if box_of_run is not None:  # A run of consecutive elements: no index arrays.
+                for i, r in zip(ins, box_of_run, strict=True):
+                    in_region[i] = r
+                gathers.append(None)
+                continue
             flat = _flat_indices(req, out_group)
             coords = np.unravel_index(flat.ravel(), in_group) if in_group else ()
             box = [range(int(c.min()), int(c.max()) + 1) if c.size else range(0) for c in coords]
@@ -262,6 +268,47 @@ class ReshapeMap:
                 block = np.take(block, gather, axis=pos)
             pos += len(outs)
         return block
+
+
+def _flat_run(request: Sequence[range], group_shape: Shape) -> tuple[int, int] | None:
+    """`[lo, hi)` when a request selects consecutive elements in C order, else None.
+
+    That is: single indices, then one ascending step-1 range, then whole axes.
+    """
+    k = 0
+    while k < len(request) - 1 and len(request[k]) == 1:
+        k += 1
+    if any(r != range(n) for r, n in zip(request[k + 1 :], group_shape[k + 1 :], strict=True)):
+        return None
+    if not request or request[k].step != 1 and len(request[k]) > 1:
+        return None
+    inner = math.prod(group_shape[k + 1 :])
+    lo = 0
+    for r, n in zip(request[: k + 1], group_shape[: k + 1], strict=True):
+        lo = lo * n + r[0]
+    lo *= inner
+    return lo, lo + len(request[k]) * inner
+
+
+def _box_of_run(run: tuple[int, int] | None, shape: Shape) -> Region | None:
+    """The region of an array of `shape` holding exactly the elements `[lo, hi)`, if any."""
+    if run is None:
+        return None
+    lo, hi = run
+    for j in range(len(shape)):
+        inner = math.prod(shape[j + 1 :])
+        outer = shape[j] * inner
+        if lo % inner or hi % inner or lo // outer != (hi - 1) // outer:
+            continue
+        head = []
+        rest = lo // outer
+        for n in reversed(shape[:j]):
+            head.append(range(rest % n, rest % n + 1))
+            rest //= n
+        start = lo // inner % shape[j]
+        tail = [range(n) for n in shape[j + 1 :]]
+        return (*reversed(head), range(start, start + (hi - lo) // inner), *tail)
+    return None
 
 
 def _flat_indices(request: Sequence[range], group_shape: Shape) -> np.ndarray:
