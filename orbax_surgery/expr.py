@@ -199,7 +199,13 @@ class Index(_OneInput):
         norm: list[int | range] = []
         for axis, (i, n) in enumerate(zip(index, base.shape, strict=True)):
             if isinstance(i, slice):
-                norm.append(range(n)[i])
+                try:
+                    norm.append(range(n)[i])
+                except (TypeError, ValueError) as e:  # A zero step, or a float bound.
+                    raise ShapeMismatchError(
+                        f'Index entry {i!r} for axis {axis} of {base.describe()!r} is not a '
+                        f'valid slice: {e}.'
+                    ) from e
             elif not isinstance(i, int | np.integer) or isinstance(i, bool):
                 raise ShapeMismatchError(
                     f'Index entry {i!r} is not an int or a slice; only basic indexing is lazy '

@@ -1,4 +1,5 @@
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -140,3 +141,9 @@ def test_describe_is_a_readable_formula():
     assert EXPRESSIONS['nested'].describe().startswith('transpose(reshape(stack(a, b, axis=0)[')
     many = ex.Stack(tuple(ex.Source(f'l{i}', (2,), np.dtype(np.float32)) for i in range(9)), 0)
     assert many.describe() == 'stack(l0, ..., l8 (9), axis=0)'
+
+
+@pytest.mark.parametrize('index', [slice(0, 2, 0), slice(1.5, None)], ids=['zero-step', 'float'])
+def test_a_bad_slice_is_a_shape_mismatch_naming_it(index):
+    with pytest.raises(ShapeMismatchError, match=re.escape(f'Index entry {index!r} for axis 0')):
+        ex.Index.of(A, (index,))
