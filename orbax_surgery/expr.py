@@ -59,7 +59,9 @@ class Expr(abc.ABC):
     @property
     def kind(self) -> Kind:
         kinds = [c.kind for c in self.children]
-        return 'jax.Array' if 'jax.Array' in kinds or not kinds else kinds[0]
+        kind = 'jax.Array' if 'jax.Array' in kinds or not kinds else kinds[0]
+        # Scalars stacked, reshaped or combined into an array come back as a NumPy array.
+        return 'np.ndarray' if kind == 'scalar' and self.shape != () else kind
 
     @property
     def nbytes(self) -> int:
