@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import regex
 
-from orbax_surgery.errors import AmbiguousRuleError, RuleError
+from orbax_surgery.errors import AmbiguousRuleError, RuleError, SurgeryError
 
 KeyPath = str
 PyTree = Any
@@ -43,8 +43,15 @@ def flatten(
 
     Raises:
         AmbiguousRuleError: two paths join to the same string (a key holding '/').
+        SurgeryError: JAX cannot flatten it, e.g. a dict with keys 1 and 'a'.
     """
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    try:
+        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    except (TypeError, ValueError) as e:  # Dict keys JAX cannot sort, e.g. 1 and 'a'.
+        raise SurgeryError(
+            f'Cannot flatten the tree: {e} Use str keys in every dict (Orbax names leaves by '
+            f"their '{SEP}'-joined keys)."
+        ) from e
     flat: dict[KeyPath, Any] = {}
     for path, leaf in with_path:
         key = SEP.join(key_name(entry) for entry in path)

@@ -97,3 +97,11 @@ def test_key_patterns_keep_re_syntax_and_groups():
         keys.KeyPattern(r'(?<=a+)b', 'rule')  # `regex` accepts it; `re` (and Orbax) do not.
     m = keys.KeyPattern(r'(?P<i>\d+)/(a)?(.*)', 'rule').fullmatch('12/w')
     assert m['i'] == '12' and m.expand(r'\g<i>_\2_\3') == '12__w'
+
+
+def test_dict_keys_that_do_not_sort_are_a_surgery_error():
+    # JAX's own ValueError ('Comparator raised exception ...') escaped apply_rules.
+    from orbax_surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match='Use str keys in every dict'):
+        keys.flatten({1: np.ones(2), 'v': np.ones(2)})
