@@ -30,6 +30,9 @@ from orbax_surgery.rules import Entry, Target, Tree, _origin, _Pattern
 LAYER = '{i}'
 """Where `Unstack` writes the layer number in its replacement."""
 
+MAX_LAYERS = 2**16
+"""Most keys one `Unstack` makes from one array: each layer is a key, held in memory."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layers(_Pattern):
@@ -109,6 +112,11 @@ class Unstack(_Layers):
             )
         axis = self.axis % ndim
         count = value.shape[axis]
+        if self.layers is None and count > MAX_LAYERS:
+            raise ShapeMismatchError(
+                f'axis {axis} has {count} entries, more than the {MAX_LAYERS} layers Unstack '
+                'makes keys for. Is axis= the layer axis? Pass layers=[...] to take a few.'
+            )
         chosen = tuple(range(count)) if self.layers is None else self.layers
         bad = [i for i in chosen if not -count <= i < count]
         if bad:
