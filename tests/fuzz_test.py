@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 import orbax_surgery as osurg
 from orbax_surgery import keys as keys_module
@@ -81,6 +82,12 @@ def _short_regex_timeout(monkeypatch):
         monkeypatch.setattr(keys_module, 'MATCH_TIMEOUT', 0.2)
 
 
+def outcome(what: str) -> None:
+    """Counts outcomes for `--hypothesis-show-statistics` (and allows runs outside Hypothesis)."""
+    with contextlib.suppress(InvalidArgument):
+        event(f'outcome: {what}')
+
+
 def build(specs: list[fz.Spec]) -> list[Any] | fz.RefError:
     """The rules, or the build error the reference expects (checked against the package)."""
     rules = []
@@ -94,7 +101,7 @@ def build(specs: list[fz.Spec]) -> list[Any] | fz.RefError:
             rule = spec.build()
         except osurg.SurgeryError as e:
             assert want is not None, f'{spec!r} raised {e!r}, but it is a valid rule'
-            event('outcome: a rule is malformed')
+            outcome('a rule is malformed')
             return want
         assert want is None, f'{spec!r} built, but {want}'
         rules.append(rule)
@@ -237,11 +244,11 @@ def compare(case: fz.Case, want: Any, plan_fn, restore_fn) -> None:
     except Exception as e:
         allowed_error(e, want, case)
         phase = want.phase if isinstance(want, fz.RefError) else 'timeout'
-        event(f'outcome: {type(e).__name__} ({phase})')
+        outcome(f'{type(e).__name__} ({phase})')
         return
     assert not isinstance(want, fz.RefError), f'gave a result, but the reference says {want}'
     check_result(got, want)
-    event('outcome: the reference result')
+    outcome('the reference result')
 
 
 def savable(tree: Any) -> bool:
@@ -288,10 +295,61 @@ def test_fuzz_from_an_orbax_checkpoint(case):
     from_checkpoint(case)
 
 
-@settings(FUZZ, max_examples=5)
-@given(st.just(None))
-def test_fuzz_quick_checkpoint_smoke(_):
+@pytest.mark.slow
+@settings(FUZZ, max_examples=1000)
+@given(fz.cases(kinds=['MapValue', 'MapValue', 'Combine', 'Cast', 'Slice', 'OrbaxTransforms']))
+def test_fuzz_value_functions(case):
+    """Mostly value functions: raising, untraceable, or returning the wrong thing."""
+    in_memory(case)
+
+
+def test_fuzz_quick_checkpoint_smoke():
     """One checkpoint round trip in the quick tier, so the Orbax path is not slow-only."""
     from_checkpoint(
         fz.Case({'a': np.arange(6.0).reshape(2, 3)}, [fz.Spec('Transpose', ('a', (1, 0)))], None)
     )
+
+
+HUGE = [(2**40, 2**30), (2**62,), (8, 2**40, 0), (2**31, 8), ()]
+
+
+@st.composite
+def huge_plans(draw):
+    """Metadata-only sources of huge arrays (bytes past int64), rules and sharded targets."""
+    names = draw(st.lists(st.sampled_from(fz.NAMES), min_size=1, max_size=3, unique=True))
+    sources = {
+        n: jax.ShapeDtypeStruct(draw(st.sampled_from(HUGE)), draw(st.sampled_from(fz.DTYPES)))
+        for n in names
+    }
+    keys = dict(sources)
+    specs = []
+    for n in range(draw(st.integers(0, 3))):
+        spec = draw(fz.rule_spec(n, keys))
+        if spec.kind not in ('MapValue', 'Combine', 'OrbaxTransforms'):
+            specs.append(spec)  # Value functions would be traced on 2**70-byte inputs.
+    target = None
+    if draw(st.booleans()):
+        target = {}
+        for key, x in keys.items():
+            shape = draw(st.sampled_from([x.shape, *HUGE]))
+            target[key] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=draw(fz.shardings(shape)))
+    return sources, specs, target
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=300)
+@given(huge_plans())
+def test_fuzz_plans_of_huge_arrays(case):
+    """Planning reads no data, so arrays of 2**70 bytes plan, print and estimate reads."""
+    sources, specs, target = case
+    with guarded():
+        rules = build(specs)
+        if isinstance(rules, fz.RefError):
+            return
+        try:
+            plan = osurg.resolve(sources, None if target is None else fz.nest(target), rules)
+        except osurg.SurgeryError:
+            return
+        assert all(isinstance(e, osurg.SurgeryError) for e in plan.errors), plan.errors
+        str(plan)
+        assert all(0 <= r.needed <= r.chunked for r in plan.reads.values()), plan.reads
