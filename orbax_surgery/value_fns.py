@@ -127,7 +127,7 @@ def call(
     except Exception as e:
         # Every failure of a restore is a SurgeryError; the user's exception is the cause.
         raise RuleError(
-            f'{node.label} raised {type(e).__name__} computing {node.describe()!r}: {e}'
+            f'{node.label} raised {type(e).__name__}: {e} (computing {node.describe()!r})'
         ) from e
     if result.shape != tuple(shape):
         raise ShapeMismatchError(
