@@ -59,7 +59,9 @@ class Expr(abc.ABC):
     @property
     def kind(self) -> Kind:
         kinds = [c.kind for c in self.children]
-        return 'jax.Array' if 'jax.Array' in kinds or not kinds else kinds[0]
+        kind = 'jax.Array' if 'jax.Array' in kinds or not kinds else kinds[0]
+        # Scalars stacked, reshaped or combined into an array come back as a NumPy array.
+        return 'np.ndarray' if kind == 'scalar' and self.shape != () else kind
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +201,13 @@ class Index(_OneInput):
         norm: list[int | range] = []
         for axis, (i, n) in enumerate(zip(index, base.shape, strict=True)):
             if isinstance(i, slice):
-                norm.append(range(n)[i])
+                try:
+                    norm.append(range(n)[i])
+                except (TypeError, ValueError) as e:  # A zero step, or a float bound.
+                    raise ShapeMismatchError(
+                        f'Index entry {i!r} for axis {axis} of {base.describe()!r} is not a '
+                        f'valid slice: {e}.'
+                    ) from e
             elif not isinstance(i, int | np.integer) or isinstance(i, bool):
                 raise ShapeMismatchError(
                     f'Index entry {i!r} is not an int or a slice; only basic indexing is lazy '

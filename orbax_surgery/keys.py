@@ -8,8 +8,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import jax
+import regex
 
-from orbax_surgery.errors import AmbiguousRuleError, RuleError
+from orbax_surgery.errors import AmbiguousRuleError, RuleError, SurgeryError
 
 KeyPath = str
 PyTree = Any
@@ -42,8 +43,15 @@ def flatten(
 
     Raises:
         AmbiguousRuleError: two paths join to the same string (a key holding '/').
+        SurgeryError: JAX cannot flatten it, e.g. a dict with keys 1 and 'a'.
     """
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    try:
+        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    except (TypeError, ValueError) as e:  # Dict keys JAX cannot sort, e.g. 1 and 'a'.
+        raise SurgeryError(
+            f'Cannot flatten the tree: {e} Use str keys in every dict (Orbax names leaves by '
+            f"their '{SEP}'-joined keys)."
+        ) from e
     flat: dict[KeyPath, Any] = {}
     for path, leaf in with_path:
         key = SEP.join(key_name(entry) for entry in path)
@@ -88,12 +96,63 @@ def nest(flat: Mapping[KeyPath, Any]) -> dict[str, Any]:
     return out
 
 
+MATCH_TIMEOUT = 1.0
+"""Seconds one key may take to match one pattern; a key matches in microseconds."""
+
+
 def compile_pattern(pattern: str, owner: str) -> re.Pattern[str]:
     """Compiles a key regex, naming `owner` (a rule's repr) when it is invalid."""
     try:
         return re.compile(pattern)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}: OverflowError.
         raise RuleError(f'{owner}: {pattern!r} is not a valid regex: {e}.') from e
+
+
+class KeyPattern:
+    r"""A key regex: `re` syntax and `re.fullmatch` semantics, matched with a time limit.
+
+    Python's `re` cannot be interrupted, so a regex that backtracks
+    catastrophically (`(a|aa)+$` on a long key) would hang a restore for ever.
+    Keys are matched with the `regex` package instead, which is compatible with
+    `re` (its default VERSION0) and takes a timeout; the pattern is still
+    compiled by `re` first, so what `re` (and Orbax) rejects is rejected here.
+
+    Example:
+        >>> KeyPattern(r'layers_(\d+)/w', 'rule').fullmatch('layers_3/w')[1]
+        '3'
+        >>> KeyPattern(r'(a|aa)+$', 'Drop(...)').fullmatch('a' * 64 + 'b')
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.RuleError: Drop(...): matching '(a|aa)+$' against 'aaaa...b' took ...
+    """
+
+    def __init__(self, pattern: str, owner: str):
+        self.owner = owner
+        self.compiled = compile_pattern(pattern, owner)
+        try:
+            self._timed = regex.compile(pattern)
+        except (regex.error, OverflowError, RecursionError) as e:
+            raise RuleError(f'{owner}: {pattern!r} is not a valid regex: {e}.') from e
+
+    @property
+    def pattern(self) -> str:
+        return self.compiled.pattern
+
+    @property
+    def groupindex(self) -> Mapping[str, int]:
+        return self.compiled.groupindex
+
+    def fullmatch(self, key: str) -> Any:
+        """The match of the whole key (a `regex.Match`, like `re.Match`), or None."""
+        try:
+            return self._timed.fullmatch(key, timeout=MATCH_TIMEOUT)
+        except TimeoutError as e:
+            shown = key if len(key) <= 40 else f'{key[:4]}...{key[-1:]}'
+            raise RuleError(
+                f'{self.owner}: matching {self.pattern!r} against {shown!r} took over '
+                f'{MATCH_TIMEOUT} s (timed out): the regex backtracks catastrophically. Avoid '
+                'nested or overlapping repeats such as (a+)+ or (a|aa)+.'
+            ) from e
 
 
 def check_template(pattern: re.Pattern[str], template: str, owner: str) -> None:

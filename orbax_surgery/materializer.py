@@ -23,6 +23,7 @@ import numpy as np
 
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
+from orbax_surgery.errors import SurgeryError
 from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.regions import Region
@@ -262,7 +263,11 @@ def _inflight_bytes(step: Step, region: Region) -> int:
 async def _block(
     step: Step, region: Region, session: Session, on_bytes: Progress | None
 ) -> np.ndarray:
-    block = await step.expr.evaluate(region, session)
+    try:
+        block = await step.expr.evaluate(region, session)
+    except SurgeryError as e:
+        e.add_note(f'while computing target {step.key!r}')
+        raise
     assert block.shape == regions.shape_of(region), (step.key, block.shape, region)
     if on_bytes is not None:
         on_bytes(block.nbytes)

@@ -9,7 +9,6 @@ by tracing it), not the whole checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,9 +20,9 @@ from orbax_surgery import expr as ex
 from orbax_surgery.errors import AmbiguousRuleError, RuleError, UnmatchedKeyError
 from orbax_surgery.keys import (
     KeyPath,
+    KeyPattern,
     PyTree,
     check_template,
-    compile_pattern,
     did_you_mean,
     flatten,
     nest,
@@ -55,7 +54,7 @@ class OrbaxTransforms:
 
     transforms: PyTree
     default_to_original: bool = dataclasses.field(default=True, kw_only=True)
-    _compiled: tuple[tuple[str, ocp.Transform, re.Pattern[str]], ...] = dataclasses.field(
+    _compiled: tuple[tuple[str, ocp.Transform, KeyPattern], ...] = dataclasses.field(
         init=False, compare=False
     )
 
@@ -66,9 +65,9 @@ class OrbaxTransforms:
             owner = f'Transform at {key!r}'
             if not isinstance(t, ocp.Transform):
                 raise RuleError(f'{owner} is a {type(t).__name__}, not an ocp.Transform.')
-            pattern = compile_pattern(key, owner)
+            pattern = KeyPattern(key, owner)
             if isinstance(t.original_key, str):
-                check_template(pattern, t.original_key, owner)
+                check_template(pattern.compiled, t.original_key, owner)
             compiled.append((key, t, pattern))
         object.__setattr__(self, '_compiled', tuple(compiled))
 
@@ -102,7 +101,7 @@ class OrbaxTransforms:
         leaf: TargetLeaf,
         tkey: str,
         t: ocp.Transform,
-        m: re.Match[str],
+        m: Any,
         tree: Tree,
     ) -> Entry:
         if t.use_fallback:
@@ -140,7 +139,8 @@ class OrbaxTransforms:
 
         declared = getattr(t, 'multi_value_fn_input_args', None)
         if declared:
-            names = [k for k in tree if any(re.fullmatch(p, k) for p in declared)]
+            inputs = [KeyPattern(p, f'Transform at {key!r}: input') for p in declared]
+            names = [k for k in tree if any(p.fullmatch(k) for p in inputs)]
             traced = None
         else:
             traced = _trace(call, tree)

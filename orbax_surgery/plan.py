@@ -264,7 +264,9 @@ def _refs(exprs: Iterable[ex.Expr]) -> set[KeyPath]:
 
 def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
     if leaf.inferred:
-        return dataclasses.replace(leaf, shape=value.shape, dtype=value.dtype, kind=value.kind)
+        leaf = dataclasses.replace(leaf, shape=value.shape, dtype=value.dtype, kind=value.kind)
+        _check_jax_dtype(leaf, value)
+        return leaf
     assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
     if value.shape != leaf.shape:
         raise ShapeMismatchError(
@@ -276,7 +278,38 @@ def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
             f'Target {leaf.key!r} has dtype {leaf.dtype}, but {value.describe()!r} gives '
             f'{value.dtype}. Cast it on purpose: Cast({leaf.key!r}, {leaf.dtype.name!r}).'
         )
-    return dataclasses.replace(leaf, kind=leaf.kind or value.kind)
+    leaf = dataclasses.replace(leaf, kind=leaf.kind or value.kind)
+    _check_jax_dtype(leaf, value)
+    return leaf
+
+
+def _check_jax_dtype(leaf: TargetLeaf, value: ex.Expr) -> None:
+    """A jax.Array target must have a dtype JAX holds as is (float64 needs x64)."""
+    assert leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    if leaf.kind != 'jax.Array' or _jax_holds(leaf.dtype):
+        return
+    raise DtypeMismatchError(
+        f'Target {leaf.key!r} is a jax.Array of dtype {leaf.dtype} (from {value.describe()!r}), '
+        f'which JAX cannot hold{_x64_hint(leaf.dtype)}. Cast it, e.g. '
+        f"Cast({leaf.key!r}, 'float32'), or make that target leaf a NumPy array."
+    )
+
+
+@functools.cache
+def _jax_holds(dtype: np.dtype) -> bool:
+    try:
+        canonical = jax.dtypes.canonicalize_dtype(dtype)
+        jax.eval_shape(lambda: jax.numpy.zeros((), canonical))
+    except TypeError:
+        return False
+    return canonical == dtype
+
+
+def _x64_hint(dtype: np.dtype) -> str:
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+    if canonical == dtype:
+        return ''
+    return f' (it would silently become {canonical}: jax_enable_x64 is off)'
 
 
 def _shape_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:

@@ -247,8 +247,19 @@ class ReshapeMap:
                 in_region[ins[0]] = req[0]
                 gathers.append(None)
                 continue
+            if ins and not all(req):  # Nothing requested: no index arrays (an axis may be 2**40).
+                for i in ins:
+                    in_region[i] = range(0)
+                gathers.append(None)
+                continue
             in_group = tuple(self.in_shape[i] for i in ins)
             out_group = tuple(self.out_shape[o] for o in outs)
+            box_of_run = _box_of_run(_flat_run(req, out_group), in_group) if ins else None
+            if box_of_run is not None:  # A run of consecutive elements: no index arrays.
+                for i, r in zip(ins, box_of_run, strict=True):
+                    in_region[i] = r
+                gathers.append(None)
+                continue
             flat = _flat_indices(req, out_group)
             coords = np.unravel_index(flat.ravel(), in_group) if in_group else ()
             box = [range(int(c.min()), int(c.max()) + 1) if c.size else range(0) for c in coords]
@@ -287,6 +298,47 @@ class ReshapeMap:
         return block
 
 
+def _flat_run(request: Sequence[range], group_shape: Shape) -> tuple[int, int] | None:
+    """`[lo, hi)` when a request selects consecutive elements in C order, else None.
+
+    That is: single indices, then one ascending step-1 range, then whole axes.
+    """
+    k = 0
+    while k < len(request) - 1 and len(request[k]) == 1:
+        k += 1
+    if any(r != range(n) for r, n in zip(request[k + 1 :], group_shape[k + 1 :], strict=True)):
+        return None
+    if not request or request[k].step != 1 and len(request[k]) > 1:
+        return None
+    inner = math.prod(group_shape[k + 1 :])
+    lo = 0
+    for r, n in zip(request[: k + 1], group_shape[: k + 1], strict=True):
+        lo = lo * n + r[0]
+    lo *= inner
+    return lo, lo + len(request[k]) * inner
+
+
+def _box_of_run(run: tuple[int, int] | None, shape: Shape) -> Region | None:
+    """The region of an array of `shape` holding exactly the elements `[lo, hi)`, if any."""
+    if run is None:
+        return None
+    lo, hi = run
+    for j in range(len(shape)):
+        inner = math.prod(shape[j + 1 :])
+        outer = shape[j] * inner
+        if lo % inner or hi % inner or lo // outer != (hi - 1) // outer:
+            continue
+        head = []
+        rest = lo // outer
+        for n in reversed(shape[:j]):
+            head.append(range(rest % n, rest % n + 1))
+            rest //= n
+        start = lo // inner % shape[j]
+        tail = [range(n) for n in shape[j + 1 :]]
+        return (*reversed(head), range(start, start + (hi - lo) // inner), *tail)
+    return None
+
+
 def _flat_indices(request: Sequence[range], group_shape: Shape) -> np.ndarray:
     """C-order flat indices, within a group of axes, of the requested elements."""
     if not group_shape:
@@ -308,7 +360,10 @@ def union_size(parts: Sequence[Region], max_cells: int = 1 << 21) -> int:
     parts = list(dict.fromkeys(parts))
     if len(parts) <= 1:
         return size_of(parts[0]) if parts else 0
-    spans = [[(min(r), max(r) + 1) if r else (0, 0) for r in part] for part in parts]
+    # Not min(r): that walks every index of the range, for ever on a huge array.
+    spans = [
+        [(min(r[0], r[-1]), max(r[0], r[-1]) + 1) if r else (0, 0) for r in part] for part in parts
+    ]
     cuts = [sorted({b for span in spans for b in span[axis]}) for axis in range(len(spans[0]))]
     cells = math.prod(max(len(c) - 1, 0) for c in cuts)
     if cells > max_cells:
@@ -321,5 +376,7 @@ def union_size(parts: Sequence[Region], max_cells: int = 1 << 21) -> int:
                 for c, (lo, hi) in zip(cuts, span, strict=True)
             )
         ] = True
-    widths = np.ix_(*[np.diff(c) for c in cuts])
+    # Python ints where a product of widths could pass int64 (arrays of over 2**62 elements).
+    wide = math.prod(c[-1] - c[0] for c in cuts if c) >= 2**62
+    widths = np.ix_(*[np.diff(c).astype(object if wide else np.int64) for c in cuts])
     return int(np.sum(covered * math.prod(widths)))

@@ -9,7 +9,6 @@ rule whose pattern matches nothing is an error, since it is almost always a typo
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from orbax_surgery.errors import (
     SurgeryError,
     UnmatchedKeyError,
 )
-from orbax_surgery.keys import KeyPath, check_template, compile_pattern, did_you_mean
+from orbax_surgery.keys import KeyPath, KeyPattern, check_template, did_you_mean
 from orbax_surgery.target import TargetLeaf
 from orbax_surgery.value_fns import Apply, Elementwise, predict
 
@@ -57,15 +56,15 @@ class _Pattern:
     """Base for rules that select keys with a regex."""
 
     pattern: str
-    _re: re.Pattern[str] = dataclasses.field(init=False, repr=False, compare=False)
+    _re: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, '_re', compile_pattern(self.pattern, repr(self)))
+        object.__setattr__(self, '_re', KeyPattern(self.pattern, repr(self)))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         raise NotImplementedError(f'{type(self).__name__} is not a rule by itself.')
 
-    def _matching(self, keys: Sequence[KeyPath], what: str) -> list[tuple[KeyPath, re.Match[str]]]:
+    def _matching(self, keys: Sequence[KeyPath], what: str) -> list[tuple[KeyPath, Any]]:
         found = [(k, m) for k in keys if (m := self._re.fullmatch(k))]
         if not found:
             raise UnmatchedKeyError(
@@ -83,7 +82,7 @@ class _Move(_Pattern):
 
     def __post_init__(self):
         super().__post_init__()
-        check_template(self._re, self.replacement, repr(self))
+        check_template(self._re.compiled, self.replacement, repr(self))
 
     def _moved(self, tree: Tree, keep: bool) -> dict[KeyPath, Entry]:
         found = self._matching(list(tree), 'checkpoint')
@@ -334,7 +333,7 @@ class MapValue(_Map):
         return f'MapValue({self.pattern!r}, {fn_name(self.fn)}{extra})'
 
     def rewrite(self, value):
-        out = self.out or predict_or_explain(self.fn, value)
+        out = self.out if self.out is not None else predict_or_explain(self.fn, value)
         label = fn_name(self.fn)
         if not self.elementwise:
             fn = self.fn
@@ -371,7 +370,7 @@ class Combine(_Pattern):
         super().__post_init__()
         object.__setattr__(self, 'inputs', tuple(self.inputs))
         for template in self.inputs:
-            check_template(self._re, template, repr(self))
+            check_template(self._re.compiled, template, repr(self))
 
     def __repr__(self):
         return f'Combine({self.pattern!r}, {self.inputs!r}, {fn_name(self.fn)})'
@@ -391,7 +390,7 @@ class Combine(_Pattern):
                     )
             parts = tuple(tree[n].expr for n in names)
             try:
-                result = self.out or predict_or_explain(self.fn, *parts)
+                result = self.out if self.out is not None else predict_or_explain(self.fn, *parts)
             except RuleError as e:
                 raise RuleError(f'{self!r} for target {key!r}: {e}') from e
             node = Apply(self._call, parts, tuple(result.shape), result.dtype, fn_name(self.fn))

@@ -24,11 +24,14 @@ from orbax_surgery.errors import (
     SurgeryError,
     UnmatchedKeyError,
 )
-from orbax_surgery.keys import KeyPath, check_template, compile_pattern
+from orbax_surgery.keys import KeyPath, KeyPattern, check_template
 from orbax_surgery.rules import Entry, Target, Tree, _origin, _Pattern
 
 LAYER = '{i}'
 """Where `Unstack` writes the layer number in its replacement."""
+
+MAX_LAYERS = 2**16
+"""Most keys one `Unstack` makes from one array: each layer is a key, held in memory."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ class Unstack(_Layers):
                 f'{self!r}: the replacement needs {LAYER} where the layer number goes, '
                 f'e.g. {self.replacement.rstrip("/") + "_" + LAYER!r}.'
             )
-        check_template(self._re, self.replacement.replace(LAYER, '0'), repr(self))
+        check_template(self._re.compiled, self.replacement.replace(LAYER, '0'), repr(self))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         found = self._matching(list(tree), 'checkpoint')
@@ -109,6 +112,11 @@ class Unstack(_Layers):
             )
         axis = self.axis % ndim
         count = value.shape[axis]
+        if self.layers is None and count > MAX_LAYERS:
+            raise ShapeMismatchError(
+                f'axis {axis} has {count} entries, more than the {MAX_LAYERS} layers Unstack '
+                'makes keys for. Is axis= the layer axis? Pass layers=[...] to take a few.'
+            )
         chosen = tuple(range(count)) if self.layers is None else self.layers
         bad = [i for i in chosen if not -count <= i < count]
         if bad:
@@ -153,22 +161,22 @@ class Stack(_Layers):
                [1., 1.]])}}
     """
 
-    _names: re.Pattern[str] = dataclasses.field(init=False, repr=False, compare=False)
+    _names: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
         names = self._re
         if LAYER in self.pattern:
             numbered = self.pattern.replace(LAYER, r'(?P<i>\d+)')
-            object.__setattr__(self, '_re', compile_pattern(numbered, repr(self)))
-            names = compile_pattern(self.pattern.replace(LAYER, r'\d+'), repr(self))
+            object.__setattr__(self, '_re', KeyPattern(numbered, repr(self)))
+            names = KeyPattern(self.pattern.replace(LAYER, r'\d+'), repr(self))
         elif 'i' not in self._re.groupindex:
             raise RuleError(
                 f'{self!r}: the pattern needs {LAYER} (or a named group (?P<i>\\d+)) where '
                 r"the layer number is, e.g. 'layers_{i}/(.*)'."
             )
         object.__setattr__(self, '_names', names)
-        check_template(names, self.replacement, repr(self))
+        check_template(names.compiled, self.replacement, repr(self))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         families: dict[str, dict[int, KeyPath]] = collections.defaultdict(dict)

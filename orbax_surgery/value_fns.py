@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from orbax_surgery import regions
-from orbax_surgery.errors import DtypeMismatchError, ShapeMismatchError
+from orbax_surgery.errors import DtypeMismatchError, RuleError, ShapeMismatchError, SurgeryError
 from orbax_surgery.expr import EvalContext, Expr, Kind, list_str
 from orbax_surgery.regions import Shape
 
@@ -112,13 +112,23 @@ def call(
     blocks: Sequence[np.ndarray],
     shape: Sequence[int],
 ) -> np.ndarray:
-    """Calls a user function on `blocks` and checks its output against the plan."""
+    """Calls a user function on `blocks` and checks its output against the plan.
+
+    Raises:
+        RuleError: the function raised (its exception is the `__cause__`).
+        ShapeMismatchError, DtypeMismatchError: it returned another shape or dtype.
+    """
     inputs = [as_input(b, p.kind) for b, p in zip(blocks, node.parts, strict=True)]
     try:
         result = np.asarray(fn(*inputs))
-    except Exception as e:
+    except SurgeryError as e:
         e.add_note(f'while computing {node.label} for {node.describe()!r}')
         raise
+    except Exception as e:
+        # Every failure of a restore is a SurgeryError; the user's exception is the cause.
+        raise RuleError(
+            f'{node.label} raised {type(e).__name__}: {e} (computing {node.describe()!r})'
+        ) from e
     if result.shape != tuple(shape):
         raise ShapeMismatchError(
             f'{node.label} returned shape {result.shape} where {tuple(shape)} was expected '

@@ -308,7 +308,7 @@ def test_a_value_function_failing_midway_leaves_no_destination(tmp_path):
         raise RuntimeError('bad value')
 
     tree = {'a': np.ones(4, np.float32), 'b': np.ones(4, np.float32)}
-    with pytest.raises(RuntimeError, match='bad value'):
+    with pytest.raises(osurg.RuleError, match='bad value'):
         save_safetensors(tree, tmp_path / 'out', rules=[osurg.MapValue('b', explode)])
     assert leftovers(tmp_path) == []
 

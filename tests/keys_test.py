@@ -77,3 +77,31 @@ def test_numpy_leaves_survive_a_round_trip():
     flat, treedef = keys.flatten(tree)
     assert list(flat) == ['w']
     assert keys.unflatten(treedef, flat, flat)['n'] is None
+
+
+def test_a_regex_too_large_for_re_is_a_rule_error():
+    with pytest.raises(RuleError, match=re.escape("'a{99999999999}' is not a valid regex")):
+        keys.KeyPattern('a{99999999999}', 'Drop(...)')
+
+
+def test_a_catastrophic_regex_times_out_naming_pattern_and_key(monkeypatch):
+    monkeypatch.setattr(keys, 'MATCH_TIMEOUT', 0.05)
+    pattern = keys.KeyPattern(r'(a|aa)+$', 'Drop(...)')
+    assert pattern.fullmatch('aaaa') is not None
+    with pytest.raises(RuleError, match=re.escape("Drop(...): matching '(a|aa)+$' against")):
+        pattern.fullmatch('a' * 64 + 'b')
+
+
+def test_key_patterns_keep_re_syntax_and_groups():
+    with pytest.raises(RuleError, match='not a valid regex'):
+        keys.KeyPattern(r'(?<=a+)b', 'rule')  # `regex` accepts it; `re` (and Orbax) do not.
+    m = keys.KeyPattern(r'(?P<i>\d+)/(a)?(.*)', 'rule').fullmatch('12/w')
+    assert m['i'] == '12' and m.expand(r'\g<i>_\2_\3') == '12__w'
+
+
+def test_dict_keys_that_do_not_sort_are_a_surgery_error():
+    # JAX's own ValueError ('Comparator raised exception ...') escaped apply_rules.
+    from orbax_surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match='Use str keys in every dict'):
+        keys.flatten({1: np.ones(2), 'v': np.ones(2)})

@@ -9,6 +9,7 @@ from fixtures import axis_request, random_array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import orbax_surgery as osurg
 from orbax_surgery import expr as ex
 from orbax_surgery import regions
 from orbax_surgery.errors import DtypeMismatchError, LoraMismatchError, UnmatchedKeyError
@@ -154,3 +155,16 @@ def test_a_missing_base_weight_names_close_keys():
         UnmatchedKeyError, match=r"needs 'dense/kernel'.*Did you mean 'Dense/kernel'"
     ):
         MergeAdapters(LAYOUT).apply(tree, {})
+
+
+@pytest.mark.parametrize('weight', [np.float32, 'bfloat16'])
+def test_integer_adapters_are_a_dtype_error(weight):
+    # A bfloat16 weight with an int32 B leaked NumPy's DTypePromotionError.
+    joined = {
+        'w': np.ones((2, 3), weight),
+        'w_lora_a': np.ones((2, 1), np.float32),
+        'w_lora_b': np.ones((1, 3), np.int32),
+    }
+    lora = osurg.LoraSpec(['w'], rank=1).bind(joined)
+    with pytest.raises(osurg.DtypeMismatchError, match="'w_lora_b' has dtype int32, not a float"):
+        osurg.apply_rules(joined, None, [MergeAdapters(lora)])

@@ -158,3 +158,10 @@ def test_spec_json_records_its_settings():
         True,
         ['h/.*'],
     )
+
+
+def test_an_alpha_of_zero_is_a_scale_of_zero_not_the_default():
+    # `alpha or rank` took alpha=0.0 for "unset", merging with scale 1.
+    params = {'w': np.ones((2, 3), np.float32)}
+    assert LoraSpec(['w'], rank=1, alpha=0.0).bind(params).adapters[0].scale == 0.0
+    assert LoraSpec(['w'], rank=1).bind(params).adapters[0].scale == 1.0

@@ -150,3 +150,13 @@ def test_a_failed_read_cancels_the_rest_cleanly(caplog):
     assert not [
         r for r in caplog.records if 'destroyed' in r.getMessage() or 'exception' in r.getMessage()
     ]
+
+
+def test_scalars_made_into_arrays_come_back_as_numpy_arrays():
+    # A 'scalar' kind of shape (2,) or (1,) raised ValueError from .item().
+    tree = {'layers_0': {'w': 3.0}, 'layers_1': {'w': 2.0}, 'b': 1.5}
+    rules = [osurg.Stack(r'layers_{i}/(.*)', r's/\1'), osurg.Reshape('b', (1,))]
+    out = osurg.apply_rules(tree, None, rules)
+    np.testing.assert_array_equal(out['s']['w'], np.array([3.0, 2.0]))
+    np.testing.assert_array_equal(out['b'], np.array([1.5]))
+    assert osurg.apply_rules({'b': 1.5}, None, [osurg.Cast('b', 'float32')])['b'] == 1.5

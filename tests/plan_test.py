@@ -186,3 +186,13 @@ def test_a_shape_mismatch_does_not_also_call_its_source_unused():
     plan = osurg.resolve({'w': jax.ShapeDtypeStruct((2, 3), np.float32)}, {'w': sds((3, 2))})
     assert [type(e).__name__ for e in plan.errors] == ['ShapeMismatchError']
     assert plan.unused == ()
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.complex128, np.uint64, np.longdouble])
+def test_a_jax_array_target_jax_cannot_hold_is_a_dtype_error(dtype):
+    # Without jax_enable_x64, JAX would silently make float64 a float32.
+    src = {'w': jax.ShapeDtypeStruct((2,), dtype)}
+    plan = osurg.resolve(src, {'w': jax.ShapeDtypeStruct((2,), dtype)})
+    assert len(plan.errors) == 1 and isinstance(plan.errors[0], osurg.DtypeMismatchError)
+    assert "Target 'w' is a jax.Array of dtype" in str(plan.errors[0])
+    assert not osurg.resolve(src, {'w': np.zeros(2, dtype)}).errors  # A NumPy target keeps it.

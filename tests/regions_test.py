@@ -99,3 +99,42 @@ def test_reshape_that_splits_heads_reads_only_the_needed_rows():
     in_region, gathers = mapping.input_region((range(0, 64), range(2, 4), range(64)))
     assert in_region == (range(0, 64), range(128, 256))
     assert gathers == [None, None]
+
+
+def test_union_size_of_huge_regions_is_exact_and_quick():
+    # min(range) walked all 2**40 indices; the widths' product passed int64.
+    a = (range(0, 2**40), range(2**30))
+    b = (range(2**40 - 1, 2**39 - 1, -1), range(2**29, 2**30))
+    assert regions.union_size([a, b]) == 2**70
+    c = (range(2**62 - 2, -1, -2), range(4))
+    assert regions.union_size([c, (range(0), range(0))]) == (2**62 - 1) * 4
+
+
+def test_an_empty_request_of_a_reshape_allocates_no_indices():
+    # An empty array reshaped to (1, 0, 2**40): indexing every element of the last axis
+    # raised MemoryError.
+    reshape = regions.ReshapeMap((0, 2), (1, 0, 2**40))
+    request = regions.full((1, 0, 2**40))
+    in_region, gathers = reshape.input_region(request)
+    assert in_region == (range(0), range(0)) and gathers == [None]
+    assert reshape.finish(np.zeros((0, 0)), request, gathers).shape == (1, 0, 2**40)
+
+
+@pytest.mark.parametrize(
+    'request_',
+    [
+        (range(2**20), range(2**20)),  # All of it.
+        (range(2**19, 2**20), range(2**20)),  # A shard of rows.
+        (range(3, 4), range(2**19, 2**20)),  # Half a row.
+    ],
+    ids=['full', 'rows', 'half-row'],
+)
+def test_a_reshape_of_consecutive_elements_reads_its_box_without_index_arrays(request_):
+    # Indexing every one of 2**40 elements raised MemoryError when planning a Reshape.
+    mapping = regions.ReshapeMap((2**20, 2**20), (2**40,))
+    in_region, gathers = mapping.input_region((range(0, 2**40),))
+    assert in_region == regions.full((2**20, 2**20)) and gathers == [None]
+    back = regions.ReshapeMap((2**40,), (2**20, 2**20))
+    in_region, gathers = back.input_region(request_)
+    lo = request_[0][0] * 2**20 + request_[1][0]
+    assert in_region == (range(lo, lo + regions.size_of(request_)),) and gathers == [None]

@@ -209,3 +209,26 @@ def test_rule_reprs_are_readable():
         == "MapValue('w', tanh, elementwise=True)"
     )
     assert re.fullmatch(r"Rename\(pattern='a', replacement='b'\)", repr(osurg.Rename('a', 'b')))
+
+
+def test_a_catastrophic_regex_is_a_rule_error_not_a_hang(monkeypatch):
+    from orbax_surgery import keys
+
+    monkeypatch.setattr(keys, 'MATCH_TIMEOUT', 0.05)
+    tree = {'a' * 40 + 'b': np.ones(2), 'w': np.ones(2)}
+    with pytest.raises(osurg.RuleError, match=re.escape("Drop(pattern='(a|aa)+$'): matching")):
+        osurg.apply_rules(tree, {'w': ...}, [osurg.Drop(r'(a|aa)+$')])
+
+
+@pytest.mark.parametrize('shape', [(), (0,)], ids=['scalar', 'empty'])
+def test_a_declared_out_of_a_scalar_or_empty_shape_is_used(shape):
+    # A ShapeDtypeStruct of shape () has no len(), and one of shape (0,) is falsy.
+    untraceable = lambda x: np.asarray(x) * 2  # noqa: E731
+    out = jax.ShapeDtypeStruct(shape, np.float64)
+    got = osurg.apply_rules(
+        {'w': np.ones(shape)}, None, [osurg.MapValue('w', untraceable, out=out)]
+    )
+    np.testing.assert_array_equal(got['w'], np.full(shape, 2.0))
+    combine = osurg.Combine('c', ('w',), untraceable, out=out)
+    got = osurg.apply_rules({'w': np.ones(shape)}, {'w': ..., 'c': ...}, [combine])
+    np.testing.assert_array_equal(got['c'], np.full(shape, 2.0))

@@ -128,7 +128,7 @@ def test_a_failed_save_leaves_no_finalized_checkpoint_and_can_be_retried(tmp_pat
 
     broken = [STACK, osurg.MapValue('step', fails, elementwise=True)]
     with manager(tmp_path / 'run') as mgr:
-        with pytest.raises(RuntimeError, match='disk on fire'):
+        with pytest.raises(osurg.RuleError, match='disk on fire'):
             mgr.save(1, args=osurg.SurgerySave(item=unrolled, rules=broken, max_inflight_bytes=1))
             mgr.wait_until_finished()
         assert mgr.all_steps() == []

@@ -265,3 +265,12 @@ def test_unrolled_attention_splits_heads_and_ties_the_embedding(tmp_path, mesh8)
     np.testing.assert_array_equal(out['lm_head'], scanned['embed'].T.astype(out['lm_head'].dtype))
     stored = sum(v.nbytes for v in jax.tree.leaves(scanned))
     assert read[0] <= 1.05 * stored  # The tied embedding is read once.
+
+
+def test_unstacking_an_axis_of_absurd_length_is_an_error_not_an_oom():
+    # 2**40 layers meant 2**40 keys: planning ran out of memory.
+    source = {'a': jax.ShapeDtypeStruct((2**40, 4), np.float32)}
+    plan = osurg.resolve(source, None, [osurg.Unstack('a', 'u_{i}')])
+    assert 'more than the 65536 layers Unstack makes keys for' in str(plan.errors[0])
+    plan = osurg.resolve(source, None, [osurg.Unstack('a', 'u_{i}', layers=[3, 2**40 - 1])])
+    assert [s.key for s in plan.steps] == ['u_0', 'u_1'] and not plan.errors

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import orbax_surgery as osurg
 from orbax_surgery import value_fns
 from orbax_surgery.expr import Source
 
@@ -47,3 +48,18 @@ def test_elementwise_node_applies_per_block_and_checks_shape():
     node = value_fns.Elementwise(lambda x: x + 1, (src,), np.dtype(np.float64), 'plus_one')
     np.testing.assert_array_equal(node.eager({'w': np.arange(4.0)}), np.arange(1.0, 5.0))
     assert node.lazy and node.kind == 'np.ndarray' and node.describe() == 'plus_one(w)'
+
+
+@pytest.mark.parametrize('elementwise', [False, True], ids=['whole', 'elementwise'])
+def test_a_failing_value_function_is_a_rule_error_naming_function_key_and_target(elementwise):
+    def broken(x):
+        raise ZeroDivisionError('no')
+
+    out = jax.ShapeDtypeStruct((0, 4), np.int8)  # Even an empty block runs the function.
+    rule = osurg.MapValue('w', broken, elementwise=elementwise, out=out)
+    with pytest.raises(
+        osurg.RuleError, match=r"broken raised ZeroDivisionError: no \(computing 'broken\(w\)'\)"
+    ) as info:
+        osurg.apply_rules({'w': np.zeros((0, 4), np.int8)}, {'w': ...}, [rule])
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert "while computing target 'w'" in info.value.__notes__

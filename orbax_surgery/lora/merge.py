@@ -51,11 +51,12 @@ class LowRankUpdate(ex.Expr):
     sign: int = 1
 
     def __post_init__(self):
-        if not np.issubdtype(self.base.dtype, np.floating) and self.base.dtype.name != 'bfloat16':
-            raise DtypeMismatchError(
-                f'Cannot merge an adapter into {self.base.describe()!r}: its dtype is '
-                f'{self.base.dtype}, not a float.'
-            )
+        for part in (self.base, self.a, self.b):  # int A or B: no common dtype with bfloat16.
+            if not np.issubdtype(part.dtype, np.floating) and part.dtype.name != 'bfloat16':
+                raise DtypeMismatchError(
+                    f'Cannot merge an adapter into {self.base.describe()!r}: '
+                    f'{part.describe()!r} has dtype {part.dtype}, not a float.'
+                )
 
     @property
     def shape(self) -> Shape:  # type: ignore[override]

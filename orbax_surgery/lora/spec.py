@@ -214,7 +214,8 @@ class LoraSpec:
         existing: set[KeyPath],
     ) -> Adapter:
         rank = target.rank or self.rank
-        alpha = float(target.alpha if target.alpha is not None else self.alpha or rank)
+        default = self.alpha if self.alpha is not None else rank  # alpha=0.0 is not None.
+        alpha = float(target.alpha if target.alpha is not None else default)
         nb, ni = target.batch_axes, target.in_axes
         if len(shape) < nb + ni + 1:
             raise ShapeMismatchError(
