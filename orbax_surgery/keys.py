@@ -102,6 +102,8 @@ MATCH_TIMEOUT = 1.0
 
 def compile_pattern(pattern: str, owner: str) -> re.Pattern[str]:
     """Compiles a key regex, naming `owner` (a rule's repr) when it is invalid."""
+    if not isinstance(pattern, str):
+        raise RuleError(f'{owner}: a key pattern is a str regex, not {type(pattern).__name__}.')
     try:
         return re.compile(pattern)
     except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}: OverflowError.
@@ -157,6 +159,8 @@ class KeyPattern:
 
 def check_template(pattern: re.Pattern[str], template: str, owner: str) -> None:
     r"""Checks that `template`'s backreferences (\1, \g<name>) exist in `pattern`."""
+    if not isinstance(template, str):
+        raise RuleError(f'{owner}: a key template is a str, not {type(template).__name__}.')
     try:
         pattern.sub(template, '')
     except (re.error, IndexError) as e:

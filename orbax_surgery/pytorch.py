@@ -32,7 +32,7 @@ from typing import Literal
 
 from orbax_surgery import expr as ex
 from orbax_surgery.errors import RuleError, ShapeMismatchError
-from orbax_surgery.keys import SEP, KeyPath, compile_pattern
+from orbax_surgery.keys import SEP, KeyPath, KeyPattern, compile_pattern
 from orbax_surgery.rules import Drop, Entry, Rename, Rule, Target, Tree
 from orbax_surgery.stacking import Stack, Unstack
 
@@ -121,7 +121,7 @@ class FromPyTorch:
 
     def _kernel(self, weight: KeyPath, value: ex.Expr) -> ex.Expr:
         """A PyTorch weight as a Flax kernel; a `Stack` of weights, layer by layer."""
-        if self.fan_in_fan_out and re.fullmatch(self.fan_in_fan_out, weight):
+        if self.fan_in_fan_out and KeyPattern(self.fan_in_fan_out, repr(self)).fullmatch(weight):
             return value
         if isinstance(value, ex.Stack):
             return ex.Stack(tuple(self._kernel(weight, p) for p in value.parts), value.axis)
@@ -181,7 +181,8 @@ class ToPyTorch:
             return at + {'mean': 'running_mean', 'var': 'running_var'}.get(name, name), value
         if name == 'kernel':
             weight = at + 'weight'
-            if self.fan_in_fan_out and re.fullmatch(self.fan_in_fan_out, weight):
+            fan_in_fan_out = self.fan_in_fan_out and KeyPattern(self.fan_in_fan_out, repr(self))
+            if fan_in_fan_out and fan_in_fan_out.fullmatch(weight):
                 return weight, value
             if len(value.shape) == 2:
                 return weight, ex.Transpose(value, (1, 0))

@@ -241,7 +241,7 @@ class Transpose(_Map):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, 'axes', tuple(int(a) for a in self.axes))
+        object.__setattr__(self, 'axes', parse_ints(self.axes, 'axes', repr(self)))
 
     def rewrite(self, value):
         n = len(value.shape)
@@ -270,7 +270,7 @@ class Reshape(_Map):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, 'shape', tuple(int(n) for n in self.shape))
+        object.__setattr__(self, 'shape', parse_ints(self.shape, 'shape', repr(self)))
         if sum(n == -1 for n in self.shape) > 1 or any(n < -1 for n in self.shape):
             raise RuleError(f'{self!r}: sizes must be >= 0, with at most one -1.')
 
@@ -368,6 +368,8 @@ class Combine(_Pattern):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.inputs, str) or not isinstance(self.inputs, Sequence):
+            raise RuleError(f'{self!r}: inputs is a sequence of key templates.')
         object.__setattr__(self, 'inputs', tuple(self.inputs))
         for template in self.inputs:
             check_template(self._re.compiled, template, repr(self))
@@ -426,6 +428,29 @@ def parse_dtype(dtype: Any, owner: str) -> np.dtype:
     if not _is_numeric(parsed):
         raise RuleError(f'{owner}: {parsed} is not a numeric dtype; arrays cannot be cast to it.')
     return np.dtype(parsed)
+
+
+def parse_ints(values: Any, what: str, owner: str) -> tuple[int, ...]:
+    """A sequence of ints (axes, sizes, layers), or a RuleError naming `what`.
+
+    Example:
+        >>> parse_ints([1, 0], 'axes', 'Transpose(...)')
+        (1, 0)
+        >>> parse_ints('ab', 'axes', 'Transpose(...)')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        orbax_surgery.errors.RuleError: Transpose(...): axes must be a sequence of ints, not 'ab'.
+    """
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
+        raise RuleError(f'{owner}: {what} must be a sequence of ints, not {values!r}.')
+    return tuple(parse_int(v, what, owner, plural=True) for v in values)
+
+
+def parse_int(value: Any, what: str, owner: str, *, plural: bool = False) -> int:
+    """An int (a NumPy integer too; not a bool or float), or a RuleError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        kind = 'ints' if plural else 'an int'
+        raise RuleError(f'{owner}: {what} must be {kind}, not {value!r}.')
+    return int(value)
 
 
 def fn_name(fn: Callable[..., Any]) -> str:

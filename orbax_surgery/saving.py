@@ -31,7 +31,7 @@ from orbax_surgery import expr as ex
 from orbax_surgery import regions
 from orbax_surgery.checksums import Recorder
 from orbax_surgery.errors import RuleError
-from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, flatten
+from orbax_surgery.keys import KeyPath, KeyPattern, PyTree, did_you_mean, flatten
 from orbax_surgery.materializer import compute_leaves, host_regions
 from orbax_surgery.plan import Plan, Rules, Step, resolve
 from orbax_surgery.sources import ArraySource, TreeSource
@@ -53,7 +53,7 @@ def layer_save_args(tree: PyTree, layer_axes: Mapping[str, int]) -> PyTree:
         (0,)
     """
     flat, treedef = flatten(tree)
-    patterns = {compile_pattern(p, 'layer_axes'): int(a) for p, a in layer_axes.items()}
+    patterns = {KeyPattern(p, 'layer_axes'): int(a) for p, a in layer_axes.items()}
     for pattern in patterns:
         if not any(pattern.fullmatch(k) for k in flat):
             raise RuleError(

@@ -25,7 +25,7 @@ from orbax_surgery.errors import (
     UnmatchedKeyError,
 )
 from orbax_surgery.keys import KeyPath, KeyPattern, check_template
-from orbax_surgery.rules import Entry, Target, Tree, _origin, _Pattern
+from orbax_surgery.rules import Entry, Target, Tree, _origin, _Pattern, parse_int, parse_ints
 
 LAYER = '{i}'
 """Where `Unstack` writes the layer number in its replacement."""
@@ -42,9 +42,9 @@ class _Layers(_Pattern):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, 'axis', int(self.axis))
+        object.__setattr__(self, 'axis', parse_int(self.axis, 'axis', repr(self)))
         if self.layers is not None:
-            object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
+            object.__setattr__(self, 'layers', parse_ints(self.layers, 'layers', repr(self)))
             if not self.layers:
                 raise RuleError(f'{self!r}: layers is empty; pass None to take them all.')
             if len(set(self.layers)) != len(self.layers):

@@ -165,3 +165,10 @@ def test_an_alpha_of_zero_is_a_scale_of_zero_not_the_default():
     params = {'w': np.ones((2, 3), np.float32)}
     assert LoraSpec(['w'], rank=1, alpha=0.0).bind(params).adapters[0].scale == 0.0
     assert LoraSpec(['w'], rank=1).bind(params).adapters[0].scale == 1.0
+
+
+def test_a_catastrophic_target_pattern_is_a_rule_error_not_a_hang(monkeypatch):
+    monkeypatch.setattr('orbax_surgery.keys.MATCH_TIMEOUT', 0.05)
+    spec = LoraSpec([r'(a|aa)+$'], rank=1)
+    with pytest.raises(RuleError, match='took over'):
+        spec.bind({'a' * 40 + 'b': np.ones((4, 4), np.float32)})

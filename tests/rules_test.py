@@ -232,3 +232,21 @@ def test_a_declared_out_of_a_scalar_or_empty_shape_is_used(shape):
     combine = osurg.Combine('c', ('w',), untraceable, out=out)
     got = osurg.apply_rules({'w': np.ones(shape)}, {'w': ..., 'c': ...}, [combine])
     np.testing.assert_array_equal(got['c'], np.full(shape, 2.0))
+
+
+@pytest.mark.parametrize(
+    ('build', 'message'),
+    [
+        (lambda: osurg.Transpose('w', None), 'axes must be a sequence of ints, not None'),
+        (lambda: osurg.Transpose('w', (0.5, 1)), 'axes must be ints, not 0.5'),
+        (lambda: osurg.Reshape('w', 'ab'), "shape must be a sequence of ints, not 'ab'"),
+        (lambda: osurg.Rename('w', 3), 'a key template is a str, not int'),
+        (lambda: osurg.Drop(3), 'a key pattern is a str regex, not int'),
+        (lambda: osurg.Unstack('w', 'x_{i}', axis='a'), "axis must be an int, not 'a'"),
+        (lambda: osurg.Combine('w', None, sum), 'inputs is a sequence of key templates'),
+        (lambda: osurg.LoraTarget('w', in_axes='a'), "in_axes must be an int, not 'a'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_rule_errors(build, message):
+    with pytest.raises(osurg.RuleError, match=re.escape(message)):
+        build()

@@ -22,7 +22,7 @@ from orbax_surgery.errors import (
     SurgeryError,
 )
 from orbax_surgery.handler import checked_rules
-from orbax_surgery.keys import KeyPath, PyTree, flatten
+from orbax_surgery.keys import KeyPath, KeyPattern, PyTree, flatten
 from orbax_surgery.lora.checkpoint import (
     _trainable_of,
 )
@@ -89,7 +89,7 @@ def save_peft_adapter(
     pushed_a = _push({**{a.key: _host(flat[a.a_key]) for a in layout.adapters}, **whole}, rules)
     pushed_b = _push({**{a.key: _host(flat[a.b_key]) for a in layout.adapters}, **whole}, rules)
     adapters = {a.key: a for a in layout.adapters}
-    embedding = re.compile(embeddings) if embeddings else None
+    embedding = KeyPattern(embeddings, 'save_peft_adapter(embeddings=...)') if embeddings else None
     use_rslora = bool(layout.adapters) and all(a.rslora for a in layout.adapters)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from orbax_surgery.errors import RuleError, ShapeMismatchError, UnmatchedKeyError
-from orbax_surgery.keys import KeyPath, PyTree, compile_pattern, did_you_mean, summarize
+from orbax_surgery.keys import KeyPath, KeyPattern, PyTree, did_you_mean, summarize
 from orbax_surgery.lora.layout import (
     NAMINGS,
     Adapter,
@@ -26,6 +26,7 @@ from orbax_surgery.lora.layout import (
     canonical_shapes,
 )
 from orbax_surgery.regions import Shape
+from orbax_surgery.rules import parse_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,14 @@ class LoraTarget:
     alpha: float | None = None
     in_axes: int = 1
     batch_axes: int = 0
-    _re: re.Pattern[str] = dataclasses.field(init=False, repr=False, compare=False)
+    _re: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, '_re', compile_pattern(self.pattern, repr(self)))
+        object.__setattr__(self, '_re', KeyPattern(self.pattern, repr(self)))
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise RuleError(f'{self!r}: rank must be a positive int, not {self.rank!r}.')
-        if self.in_axes < 1 or self.batch_axes < 0:
+        in_axes = parse_int(self.in_axes, 'in_axes', repr(self))
+        if in_axes < 1 or parse_int(self.batch_axes, 'batch_axes', repr(self)) < 0:
             raise RuleError(f'{self!r}: in_axes must be >= 1 and batch_axes >= 0.')
 
 
@@ -129,7 +131,7 @@ class LoraSpec:
             object.__setattr__(self, 'train', (self.train,))
         object.__setattr__(self, 'train', tuple(self.train))
         for pattern in self.train:
-            compile_pattern(pattern, f'LoraSpec(train={self.train!r})')
+            KeyPattern(pattern, f'LoraSpec(train={self.train!r})')
         if not isinstance(self.rank, int) or self.rank < 1:
             raise RuleError(f'LoraSpec: rank must be a positive int, not {self.rank!r}.')
         if isinstance(self.naming, str) and self.naming not in NAMINGS:
@@ -176,7 +178,7 @@ class LoraSpec:
                 f'({summarize(weights)}).'
             )
         adapted = {a.key for a in adapters}
-        train_res = [re.compile(p) for p in self.train]
+        train_res = [KeyPattern(p, f'LoraSpec(train={self.train!r})') for p in self.train]
         trained = []
         for key, (shape, _) in weights.items():
             if key in adapted:
