@@ -1,7 +1,8 @@
 """A process of a 2-process job dies mid-operation: the survivor stops in bounded time, cleanly.
 
 Process 1 SIGKILLs (or, for `hang`, SIGSTOPs) itself at its first block of a
-SurgerySave, a SurgeryRestore or a safetensors export. With
+SurgerySave, a SurgeryRestore or a safetensors export; or process 0, the
+coordinator, dies in an export, and JAX aborts process 1 at once. With
 `jax_enable_recoverability` the survivor gets an error within the barrier
 timeout (3 s) and exits normally; without it, JAX's coordination service
 terminates the survivor (SIGABRT) once the peer misses its heartbeats (4 s).
@@ -36,8 +37,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(workdir: Path, case: str, *, recoverable: bool) -> tuple[int, str, int]:
-    """Runs the job; returns process 0's exit status and output, and process 1's status."""
+def _run(workdir: Path, case: str, *, recoverable: bool, survivor: int = 0) -> tuple[int, str, int]:
+    """Runs the job; returns the survivor's exit status and output, and the peer's status."""
     port = _free_port()
     env = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[2])}
     env.pop('XLA_FLAGS', None)
@@ -52,18 +53,21 @@ def _run(workdir: Path, case: str, *, recoverable: bool) -> tuple[int, str, int]
         )
         for i in range(2)
     ]
+    alive, peer = procs[survivor], procs[1 - survivor]
     try:
         try:
-            out, _ = procs[0].communicate(timeout=BOUND_S)
+            out, _ = alive.communicate(timeout=BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f'process 0 still running {BOUND_S} s after its peer died ({case})')
-        procs[1].kill()  # A stopped (hung) peer is still there.
-        procs[1].communicate(timeout=BOUND_S)
+            pytest.fail(
+                f'process {survivor} still running {BOUND_S} s after its peer died ({case})'
+            )
+        peer.kill()  # A stopped (hung) peer is still there.
+        peer.communicate(timeout=BOUND_S)
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    return procs[0].returncode, out, procs[1].returncode
+    return alive.returncode, out, peer.returncode
 
 
 def _result(out: str) -> dict:
@@ -130,6 +134,20 @@ def test_export_when_the_peer_dies_or_hangs(tmp_path, case):
     assert f'The export left nothing finalized: {tmp_path}/hf is as it was.' in result['message']
     # Process 0 removed the temporary directory; no export was finalized.
     assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
+
+
+def test_export_when_the_coordinator_dies(tmp_path):
+    status, out, peer = _run(tmp_path, 'coordinator', recoverable=True, survivor=1)
+    assert peer == -signal.SIGKILL, out
+    # Process 0 hosts the coordination service. Once it is gone, JAX aborts the survivor
+    # at once, even with recoverability: a bounded end, but not one Python can catch.
+    assert status == -signal.SIGABRT, out[-4000:]
+    assert 'Terminating process because the JAX distributed service detected fatal errors' in out
+    assert 'the leader task was preempted/died' in out
+    # Nothing was finalized: at most the export's temporary directory is left.
+    assert not (tmp_path / 'hf').exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert 'run' in left and all(n.startswith('hf.tmp-') for n in left if n != 'run'), left
 
 
 def test_without_recoverability_jax_ends_the_survivor(tmp_path):

@@ -8,7 +8,8 @@ Then, by CASE:
   restore  a SurgeryRestore of step 1; process 1 dies at its first block.
   export   save_safetensors of the live tree; process 1 dies at its first block.
   hang     as export, but process 1 stops itself (SIGSTOP): alive, never arriving.
-Process 0 prints one JSON line with what happened: the error's type and message,
+  coordinator  as export, but process 0, which hosts the coordination service, dies.
+The survivor prints one JSON line with what happened: the error's type and message,
 or the values it checked. RECOVERABLE=1 sets `jax_enable_recoverability`, which
 keeps JAX's coordination service from terminating the survivor when the peer's
 heartbeats stop.
@@ -71,10 +72,13 @@ def manager() -> ocp.CheckpointManager:
     return ocp.CheckpointManager(f'{workdir}/run', options=options)
 
 
+DYING = 0 if case == 'coordinator' else 1
+
+
 def die_here(*_) -> None:
-    """Process 1 leaves the job: killed (SIGKILL), or hung (SIGSTOP) for `hang`."""
-    if jax.process_index() == 1:
-        print('process 1 leaves', flush=True)
+    """Process `DYING` leaves the job: killed (SIGKILL), or hung (SIGSTOP) for `hang`."""
+    if jax.process_index() == DYING:
+        print(f'process {DYING} leaves', flush=True)
         os.kill(os.getpid(), signal.SIGSTOP if case == 'hang' else signal.SIGKILL)
 
 
