@@ -13,6 +13,19 @@ and scalars, on process 0), so each process hashes only what it writes, and
 writes `_CHECKSUMS/process_<i>.json` into the item directory before Orbax
 finalizes it. Plain Orbax restores such a directory as before.
 
+Exporting safetensors with `checksums=True` (`save_safetensors`, `orbax-surgery
+convert --to safetensors --checksums`) records the same, in the same format,
+for every tensor: its grid is fixed by shape and dtype alone
+(`safetensors_block_shape`: contiguous blocks of at most 4 MiB, whole rows
+along axis 0 unless a row is larger; the whole tensor if smaller; 0-d tensors
+whole), not by how processes split the writes. Once every process has
+written its bytes, each reads back its share of the blocks (block j of all,
+in file, header and C order, to process j % count) from the unfinalized
+files, hashes them and writes `_CHECKSUMS/process_<i>.json` beside them; after
+one more barrier process 0 finalizes the directory. `_CHECKSUMS/` is in the
+directory that holds the files (the export's directory), so a single file's
+checksums are in its directory; `safetensors` and `transformers` ignore it.
+
 Restoring with `verify=True` (`SurgeryRestore`, `restore`, `LoraRestore`,
 `orbax-surgery convert --verify`) reads through `Verified`: every block any
 read touches is read whole, hashed and compared before any of it is used, so
@@ -21,10 +34,11 @@ a restore reads whole blocks (each once per host, as `Session` shares them).
 The guarantee, exactly (a restore with `verify=True` of a checkpoint saved
 with `checksums=True`):
     Detected, as `ChecksumMismatchError` naming the checkpoint, key, block,
-    region and (where the block is one stored chunk) its file: any change to
-    the values of a block the restore reads that still decodes (flipped
-    bits in zstd-compressed or uncompressed chunks and in OCDBT data files,
-    a chunk replaced by another valid one), unless the changed block's
+    region and (where the block is one stored chunk, and always for
+    safetensors) its file: any change to the values of a block the restore
+    reads that still decodes (flipped bits in zstd-compressed or uncompressed
+    chunks and in OCDBT data files, a chunk replaced by another valid one;
+    for safetensors, any changed byte of a tensor's data), unless the changed block's
     BLAKE2b-128 digest collides: at most 2**-128 per changed block for
     accidental damage. Also a stored shape or dtype other than the one
     recorded, records missing for a key or a block (a lost process file),
@@ -33,17 +47,27 @@ with `checksums=True`):
     Not detected: blocks the restore does not read (each host checks only
     what its shards need, but whole blocks); string leaves (not hashed);
     metadata the values read do not depend on (`custom_metadata`, such as a
-    LoRA layout's alpha, `_sharding`); data and `_CHECKSUMS/` rewritten
-    together (a digest is no signature); anything with `verify=False`, the
-    default. `verify=True` refuses, as `SourceReadError`, checkpoints saved
-    without checksums and safetensors files.
+    LoRA layout's alpha, `_sharding`; for safetensors, `__metadata__`, the
+    index's `metadata`, bytes between or after tensors, and which file holds
+    a tensor); data and `_CHECKSUMS/` rewritten together (a digest is no
+    signature); bytes that changed before the export read them back (a
+    digest records what was on disk after the 'written' barrier); anything
+    with `verify=False`, the default. A safetensors header that contradicts
+    the records (shape, dtype) is a `ChecksumMismatchError`; one that no
+    longer parses is a `SourceReadError`. `verify=True` refuses, as
+    `SourceReadError`, checkpoints and safetensors saved without checksums.
+    One shard file of an indexed set opened alone is checked for its own
+    tensors only.
 
 Costs: hashing runs at about 0.8 GB/s per core, in threads. Blocks are read
 whole, so a partial read decodes and holds its whole blocks; file bytes read
 stay the same while the grid is the storage chunk grid (the default, and with
 `layer_axes`), but a shard that Orbax cuts into several chunks only because
 it exceeds OCDBT's target data file size (2 GiB; 400 MiB on GCS) is one
-block, read whole by a verified partial read.
+block, read whole by a verified partial read. A safetensors export reads
+back and hashes every byte once more, spread over the processes; a verified
+safetensors read reads whole 4 MiB blocks, each once per host, where an
+unverified one reads just its bytes.
 """
 
 from __future__ import annotations
@@ -55,7 +79,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -69,6 +93,7 @@ from orbax_surgery.errors import ChecksumMismatchError, SourceReadError
 from orbax_surgery.expr import Source
 from orbax_surgery.keys import KeyPath, PyTree, flatten
 from orbax_surgery.regions import Region
+from orbax_surgery.safetensors import INDEX_FILE, SafetensorsCheckpoint
 from orbax_surgery.session import chunk_pieces, chunk_region, local_region
 from orbax_surgery.sources import ArraySource, OrbaxCheckpoint, key_region
 
@@ -76,10 +101,13 @@ CHECKSUMS_DIR = '_CHECKSUMS'
 ALGORITHM = 'blake2b-128'
 _FORMAT = 1
 _HOW = (
-    'Record them when saving: SurgerySave(..., checksums=True), LoraSave(..., checksums=True) '
-    'or `orbax-surgery convert --checksums`.'
+    'Record them when saving: SurgerySave(..., checksums=True), LoraSave(..., checksums=True), '
+    'save_safetensors(..., checksums=True) or `orbax-surgery convert --checksums` (with or '
+    'without --to safetensors).'
 )
 BlockId = tuple[int, ...]
+SAFETENSORS_BLOCK_BYTES = 4 * 2**20
+"""The most bytes of a safetensors block hashed on export (unless one element is larger)."""
 
 
 def digest(block: np.ndarray) -> str:
@@ -202,19 +230,20 @@ class Recorder:
         """Writes this process's records into `directory`, which must exist."""
         if not isinstance(directory, epath.Path) and hasattr(directory, 'await_creation'):
             directory = await directory.await_creation()  # Orbax's deferred directories.
-        folder = epath.Path(directory) / CHECKSUMS_DIR
+        await asyncio.to_thread(self.write_now, epath.Path(directory))
+
+    def write_now(self, directory: epath.Path) -> None:
+        """Writes this process's records into `directory`, blocking."""
+        folder = directory / CHECKSUMS_DIR
         data = {
             'format': _FORMAT,
             'algorithm': ALGORITHM,
             'arrays': {k: r.to_json() for k, r in sorted(self.records.items())},
         }
-        text = json.dumps(data, separators=(',', ':'))
-
-        def put() -> None:
-            folder.mkdir(exist_ok=True)
-            (folder / f'process_{jax.process_index()}.json').write_text(text)
-
-        await asyncio.to_thread(put)
+        folder.mkdir(exist_ok=True)
+        (folder / f'process_{jax.process_index()}.json').write_text(
+            json.dumps(data, separators=(',', ':'))
+        )
 
 
 def _block_shape(
@@ -253,6 +282,83 @@ def _digests(parts: Mapping[BlockId, np.ndarray]) -> dict[BlockId, str]:
     # hashlib releases the GIL, so the blocks of a shard are hashed in parallel.
     with concurrent.futures.ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
         return dict(zip(parts, pool.map(digest, parts.values()), strict=True))
+
+
+def safetensors_block_shape(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """The grid a safetensors export hashes a tensor in: contiguous blocks of at most 4 MiB.
+
+    Trailing axes are whole, one axis is cut, leading axes go one index at a
+    time, so each block is one byte range of the file; the widest such block
+    of at most `SAFETENSORS_BLOCK_BYTES` (whole rows along axis 0 unless one
+    row is larger). A tensor that small is one block, and so is a 0-d one. The
+    grid depends on the shape and dtype alone, not on who wrote what.
+
+    Example:
+        >>> f32 = np.dtype(np.float32)
+        >>> safetensors_block_shape((4096, 1024), f32), safetensors_block_shape((3, 5), f32)
+        ((1024, 1024), (3, 5))
+        >>> safetensors_block_shape((2, 3, 2**21), f32), safetensors_block_shape((), f32)
+        ((1, 1, 1048576), ())
+    """
+    if not shape or 0 in shape:
+        return tuple(shape)
+    limit = max(SAFETENSORS_BLOCK_BYTES // dtype.itemsize, 1)
+    axis = 0
+    while math.prod(shape[axis + 1 :]) > limit:
+        axis += 1
+    rows = min(shape[axis], max(1, limit // math.prod(shape[axis + 1 :])))
+    return (1,) * axis + (rows,) + tuple(shape[axis + 1 :])
+
+
+def record_safetensors(files: Sequence[epath.PathLike], *, process: int, count: int) -> Recorder:
+    """Hashes this process's share of the blocks of the tensors in `files`, read from them.
+
+    The blocks of every tensor (`safetensors_block_shape`), numbered in file,
+    header and C order, go to processes in turn (block j to process
+    j % count), so the processes share the reading and hashing evenly
+    whoever wrote the bytes. Every process records every tensor, with the
+    digests of its own blocks; `read_records` merges them.
+
+    Example:
+        >>> import tempfile
+        >>> from orbax_surgery.safetensors import write_file
+        >>> path = tempfile.mkdtemp() + '/model.safetensors'
+        >>> write_file(path, {'w': np.arange(4.0), 'step': np.asarray(3)})
+        >>> records = record_safetensors([path], process=0, count=1).records
+        >>> records['w'].blocks == {(0,): digest(np.arange(4.0))}, list(records['step'].blocks)
+        (True, [()])
+    """
+    recorder = Recorder()
+    mine: list[tuple[SafetensorsCheckpoint, Source, Record, BlockId]] = []
+    opened = [SafetensorsCheckpoint(file) for file in files]
+    number = 0
+    for source in opened:
+        for key, src in source.arrays.items():
+            grid = safetensors_block_shape(src.shape, src.dtype)
+            record = recorder.records[key] = Record(src.shape, src.dtype.name, grid, {})
+            for block in regions.chunk_cover(regions.full(src.shape), grid):
+                if number % count == process:
+                    mine.append((source, src, record, block))
+                number += 1
+
+    def hashed(item: tuple[SafetensorsCheckpoint, Source, Record, BlockId]) -> str:
+        source, src, record, block = item
+        return digest(source.read_now(src, chunk_region(block, src.shape, record.block_shape)))
+
+    try:
+        # One block per thread at a time: memory stays at a few blocks however many there are.
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for (_, _, record, block), value in zip(mine, pool.map(hashed, mine), strict=True):
+                record.blocks[block] = value
+    finally:
+        for source in opened:
+            source.close()
+    return recorder
+
+
+def checksums_directory(source: SafetensorsCheckpoint) -> epath.Path:
+    """Where the checksums of safetensors files are: `_CHECKSUMS/` in the files' directory."""
+    return source.path if source.path.is_dir() else source.path.parent
 
 
 def read_records(directory: epath.PathLike) -> dict[KeyPath, Record]:
@@ -315,10 +421,16 @@ class Verified:
         {'w': array([1., 1., 1., 1.])}
     """
 
-    def __init__(self, source: OrbaxCheckpoint, records: Mapping[KeyPath, Record]):
+    def __init__(
+        self,
+        source: OrbaxCheckpoint | SafetensorsCheckpoint,
+        records: Mapping[KeyPath, Record],
+        *,
+        only_listed: bool = False,
+    ):
         self.source = source
         self.bytes_read = 0
-        self._where = source.directory
+        self._where = source.path if isinstance(source, SafetensorsCheckpoint) else source.directory
         self._records: dict[KeyPath, Record] = {}
         self.arrays: dict[KeyPath, Source] = {}
         for key, src in source.arrays.items():
@@ -337,7 +449,7 @@ class Verified:
                 src, chunk_shape=record.block_shape, byte_ranges=False
             )
         extra = sorted(set(records) - set(self._records))
-        if extra:
+        if extra and not only_listed:
             raise ChecksumMismatchError(
                 f'{self._where}: checksums were recorded for {len(extra)} arrays the checkpoint '
                 f'does not list, e.g. {extra[0]!r}: its _METADATA does not match what was saved.'
@@ -367,7 +479,9 @@ class Verified:
     ) -> ChecksumMismatchError:
         record, stored = self._records[key], self.source.arrays[key]
         file = ''
-        if stored.chunk_shape == record.block_shape:  # The block is one stored chunk.
+        if isinstance(self.source, SafetensorsCheckpoint):
+            file = self.source.region_file(key, whole)
+        elif stored.chunk_shape == record.block_shape:  # The block is one stored chunk.
             file = self.source.chunk_file(key, block)
         return ChecksumMismatchError(
             f'{self._where}: {key!r} block {block} {key_region(key, whole)[len(repr(key)) :]} '
@@ -400,15 +514,33 @@ class Verified:
 def verified(source: ArraySource) -> Verified:
     """`source` with every read checked against its recorded checksums.
 
+    An Orbax checkpoint's checksums are in its item directory; safetensors
+    files' are in the directory holding them (`checksums_directory`). One
+    shard file of an indexed set is checked against the records of its own
+    tensors; a whole set, against all records.
+
     Raises:
         SourceReadError: `source` carries no checksums (not an Orbax checkpoint
-            saved with `checksums=True`).
+            or safetensors export saved with `checksums=True`).
+
+    Example:
+        >>> import tempfile, orbax_surgery as osurg
+        >>> from orbax_surgery.export import save_safetensors
+        >>> tree = {'w': np.ones(3, np.float32)}
+        >>> out = save_safetensors(tree, tempfile.mkdtemp() + '/hf', checksums=True)
+        >>> source = verified(SafetensorsCheckpoint(out.directory))
+        >>> osurg.restore(source, {'w': ...})['w'].tolist(), source.bytes_read
+        ([1.0, 1.0, 1.0], 12)
     """
     if isinstance(source, Verified):
         return source
+    if isinstance(source, SafetensorsCheckpoint):
+        path = source.path
+        shard = path.name.endswith('.safetensors') and (path.parent / INDEX_FILE).exists()
+        return Verified(source, read_records(checksums_directory(source)), only_listed=shard)
     if not isinstance(source, OrbaxCheckpoint):
         raise SourceReadError(
-            f'verify=True checks Orbax checkpoints saved with checksums=True; {source!r} '
-            f'carries no checksums. {_HOW}'
+            f'verify=True checks Orbax checkpoints and safetensors exports saved with '
+            f'checksums=True; {source!r} carries no checksums. {_HOW}'
         )
     return Verified(source, read_records(source.directory))

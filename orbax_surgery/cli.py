@@ -132,8 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == 'convert' and args.max_shard_size is not None and args.to != 'safetensors':
         parser.error('--max-shard-size is for --to safetensors.')
-    if args.command == 'convert' and args.checksums and args.to != 'orbax':
-        parser.error('--checksums is for --to orbax (safetensors files carry no checksums).')
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -203,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument(
         '--checksums',
         action='store_true',
-        help='record a checksum of every block written (Orbax DST), for restores with verify',
+        help='record a checksum of every block written (in DST/_CHECKSUMS/), for --verify later',
     )
     convert.add_argument(
         '--verify',
@@ -331,6 +329,7 @@ def _convert(args: argparse.Namespace) -> int:
                     max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                     max_inflight_bytes=budget,
                     progress=advance,
+                    checksums=args.checksums,
                 )
         move_into_place(partial, dst, aside=_REPLACED)
     except BaseException:

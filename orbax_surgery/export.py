@@ -35,6 +35,7 @@ from etils import epath
 from orbax_surgery import regions
 from orbax_surgery.atomic import move_into_place
 from orbax_surgery.barrier import DEFAULT_PEER_TIMEOUT_SECS, Barrier
+from orbax_surgery.checksums import record_safetensors
 from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, run_sync
@@ -115,6 +116,7 @@ def save_safetensors(
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     progress: Callable[[int], None] | None = None,
     peer_timeout_secs: float = DEFAULT_PEER_TIMEOUT_SECS,
+    checksums: bool = False,
 ) -> Exported:
     """Writes a checkpoint or a live tree as Hugging Face safetensors, shard by shard.
 
@@ -139,12 +141,18 @@ def save_safetensors(
         max_inflight_bytes: Host bytes computed but not yet written, per process.
         progress: Called with the tensor bytes of each block this process wrote.
         peer_timeout_secs: With several processes, how long each waits for the
-            others at a barrier (created, written, finalized) before it gives up
+            others at a barrier (created, written, hashed, finalized) before it gives up
             with `PeerTimeoutError`: a peer that died or hangs never holds the
             others forever. It must exceed the spread of the processes' write times.
             (Unless `jax_enable_recoverability` is set, JAX itself terminates the
             other processes once a peer misses its heartbeats for
             `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s by default.)
+        checksums: Also record a BLAKE2b-128 digest of every tensor's blocks
+            (`checksums.safetensors_block_shape`), read back from the written
+            files once all are written, in `_CHECKSUMS/process_<i>.json` inside
+            `directory`, so that restores with `verify=True` detect changed
+            bytes. Each process reads and hashes an even share of the blocks;
+            safetensors and transformers loaders ignore the extra directory.
 
     Returns:
         What was written, with this process's share.
@@ -164,6 +172,9 @@ def save_safetensors(
         >>> out = save_safetensors(tree, tempfile.mkdtemp() + '/hf', rules=osurg.to_pytorch())
         >>> out.files, osurg.SafetensorsCheckpoint(out.directory).arrays['dense/weight'].shape
         (('model.safetensors',), (3, 2))
+        >>> out = save_safetensors(tree, tempfile.mkdtemp() + '/hf', checksums=True)
+        >>> osurg.restore(out.directory, verify=True)['dense']['kernel'].shape
+        (2, 3)
     """
     directory = epath.Path(directory)
     if '://' in str(directory):
@@ -193,6 +204,10 @@ def save_safetensors(
         barrier.wait('created', left=unfinished)
         written = run_sync(_write_blocks(mine, src, tmp, layout, max_inflight_bytes, progress))
         barrier.wait('written', left=unfinished)
+        if checksums:
+            files = [tmp / name for name in layout.names]
+            record_safetensors(files, process=barrier.process, count=barrier.count).write_now(tmp)
+            barrier.wait('hashed', left=unfinished)
         if jax.process_index() == 0:
             _write_index(tmp, layout)
             move_into_place(tmp, directory)

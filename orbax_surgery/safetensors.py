@@ -154,6 +154,16 @@ class SafetensorsCheckpoint:
         self.bytes_read += block.nbytes
         return np.flip(block, flips) if flips else block
 
+    def region_file(self, key: KeyPath, region: Region) -> str:
+        """Where `region` of `key` lies, for messages: its file and the span of bytes."""
+        file, offset = self._where[key]
+        src = self.arrays[key]
+        itemsize = src.dtype.itemsize
+        strides = [itemsize * math.prod(src.shape[a + 1 :]) for a in range(len(src.shape))]
+        first = offset + sum(r.start * s for r, s in zip(region, strides, strict=True))
+        last = offset + sum(r[-1] * s for r, s in zip(region, strides, strict=True)) + itemsize
+        return f'{file}, bytes {first}..{last}'
+
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
@@ -356,7 +366,7 @@ def write_file(
         header['__metadata__'] = dict(metadata)
     begin = 0
     names = {np.dtype(v).name: k for k, v in DTYPES.items()}
-    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    arrays = {name: np.asarray(value, order='C') for name, value in tensors.items()}
     for name, value in arrays.items():
         if value.dtype.name not in names:
             raise SurgeryError(f'{name!r} has dtype {value.dtype}, which safetensors cannot hold.')
