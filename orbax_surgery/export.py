@@ -205,8 +205,8 @@ def save_safetensors(
         written = run_sync(_write_blocks(mine, src, tmp, layout, max_inflight_bytes, progress))
         barrier.wait('written', left=unfinished)
         if checksums:
-            files = [tmp / name for name in layout.names]
-            record_safetensors(files, process=barrier.process, count=barrier.count).write_now(tmp)
+            paths = [tmp / name for name in layout.names]
+            record_safetensors(paths, process=barrier.process, count=barrier.count).write_now(tmp)
             barrier.wait('hashed', left=unfinished)
         if jax.process_index() == 0:
             _write_index(tmp, layout)

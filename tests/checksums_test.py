@@ -4,11 +4,14 @@ import asyncio
 import json
 import re
 import shutil
+import struct
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors
 from fixtures import random_array
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,8 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import orbax_surgery as osurg
-from orbax_surgery import cli
+from orbax_surgery import checksums, cli
 from orbax_surgery.checksums import CHECKSUMS_DIR, Recorder, Verified, digest, verified
+from orbax_surgery.export import save_safetensors
 from orbax_surgery.listing import describe
 
 W = random_array((256, 64), seed=1)
@@ -139,9 +143,12 @@ def test_verify_needs_recorded_checksums_and_says_how(tmp_path):
         osurg.restore(tmp_path / 'plain', verify=True)
     from orbax_surgery.safetensors import write_file
 
-    write_file(tmp_path / 'model.safetensors', {'w': W})
+    (tmp_path / 'st').mkdir()
+    write_file(tmp_path / 'st' / 'model.safetensors', {'w': W})
+    with pytest.raises(osurg.SourceReadError, match=r'st holds no checksums.*--to safetensors'):
+        osurg.restore(tmp_path / 'st' / 'model.safetensors', verify=True)
     with pytest.raises(osurg.SourceReadError, match='carries no checksums'):
-        osurg.restore(tmp_path / 'model.safetensors', verify=True)
+        osurg.restore(osurg.TreeSource({'w': W}), verify=True)
 
 
 def test_a_stored_shape_or_dtype_other_than_recorded_raises(tmp_path):
@@ -254,18 +261,6 @@ def test_cli_convert_records_and_verifies_checksums(tmp_path, capsys):
     assert cli.main(['convert', str(tmp_path / 'a'), str(tmp_path / 'b'), '--verify', '-q']) == 0
     assert cli.main(['convert', str(tmp_path / 'src'), str(tmp_path / 'c'), '--verify', '-q']) == 2
     assert 'saved without checksums' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(
-            [
-                'convert',
-                str(tmp_path / 'a'),
-                str(tmp_path / 'd'),
-                '--checksums',
-                '--to',
-                'safetensors',
-            ]
-        )
-    assert '--checksums is for --to orbax' in capsys.readouterr().err
 
 
 @pytest.fixture(scope='module')
@@ -306,3 +301,131 @@ def test_any_flipped_byte_of_stored_data_is_caught_or_unread(pristine, ocdbt, pi
         np.testing.assert_array_equal(np.asarray(got['w']), W)  # The byte was not read.
     finally:
         file.write_bytes(original)
+
+
+# Safetensors exports: digests of a fixed block grid, read back after every process wrote.
+
+TENSORS = {
+    'f32': random_array((40, 24), seed=7),
+    'bf16': random_array((16, 8), seed=8).astype(ml_dtypes.bfloat16),
+    'f16': random_array((5, 3, 2), seed=9).astype(np.float16),
+    'i8': np.arange(-60, 60, dtype=np.int8).reshape(2, 60),
+    'flag': np.array([True, False, True]),
+    'scalar': np.asarray(2.5, np.float32),
+    'empty': np.zeros((0, 4), np.float32),
+}
+
+
+def export(path, tree, **kwargs):
+    return save_safetensors(tree, path, checksums=True, **kwargs).directory
+
+
+def data_offset(file, name):
+    """Where tensor `name`'s bytes start in a safetensors file."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack('<Q', raw[:8])
+    return 8 + n + json.loads(raw[8 : 8 + n])[name]['data_offsets'][0]
+
+
+@pytest.mark.parametrize('shard_size', ['1GB', 600], ids=['one_file', 'indexed'])
+def test_a_safetensors_export_round_trips_verified(tmp_path, monkeypatch, shard_size):
+    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 1536)  # f32: 40 rows in 3 blocks
+    path = export(tmp_path / 'hf', TENSORS, max_shard_size=shard_size)
+    record = records(path)
+    assert sorted(record) == sorted(TENSORS)
+    assert record['f32']['block_shape'] == [16, 24] and len(record['f32']['blocks']) == 3
+    assert record['f32']['blocks']['1.0'] == digest(TENSORS['f32'][16:32])
+    assert record['bf16']['dtype'] == 'bfloat16' and record['scalar']['blocks'] == {
+        '': digest(TENSORS['scalar'])
+    }
+    assert record['empty']['blocks'] == {}
+    got = osurg.restore(path, verify=True)
+    assert sorted(got) == sorted(TENSORS)
+    for key, got_value in got.items():
+        assert np.asarray(got_value).dtype == TENSORS[key].dtype, key
+        np.testing.assert_array_equal(np.asarray(got_value), TENSORS[key], err_msg=key)
+    # The plain readers still read it, the _CHECKSUMS/ directory beside the files ignored.
+    loaded = {}
+    for file in path.glob('*.safetensors'):
+        with safetensors.safe_open(file, 'np') as f:
+            loaded |= {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(loaded) == sorted(TENSORS)
+    np.testing.assert_array_equal(loaded['bf16'], TENSORS['bf16'])
+    assert osurg.SafetensorsCheckpoint(path).arrays.keys() == TENSORS.keys()
+
+
+def test_a_flipped_byte_of_a_tensor_names_key_file_block_and_region(tmp_path, monkeypatch):
+    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 1024)  # W: 4 rows a block
+    path = export(tmp_path / 'hf', {'w': W, 'b': np.ones(3, np.float32)}, max_shard_size=8)
+    file = path / 'model-00002-of-00002.safetensors'
+    assert osurg.SafetensorsCheckpoint(file).arrays.keys() == {'w'}
+    flip(file, at=data_offset(file, 'w') + 4 * 64 * 4 * 5 + 7)  # In rows 20..23: block 5.
+    message = r"hf: 'w' block \(5, 0\) \[20:24, 0:64\] does not match .*" + re.escape(
+        f'(stored in {file}, bytes '
+    )
+    with pytest.raises(osurg.ChecksumMismatchError, match=message):
+        osurg.restore(path, verify=True)
+    # A read that needs no changed block passes; unverified reads do not notice.
+    got = osurg.restore(path, {'b': ...}, [osurg.Drop('w')], verify=True)
+    np.testing.assert_array_equal(got['b'], np.ones(3))
+    osurg.restore(path)
+    # One shard file opened alone is checked against its own tensors' records.
+    with pytest.raises(osurg.ChecksumMismatchError, match=re.escape(str(file))):
+        osurg.restore(file, verify=True)
+    osurg.restore(path / 'model-00001-of-00002.safetensors', verify=True)
+
+
+def test_a_changed_header_or_lost_checksums_are_errors(tmp_path):
+    path = export(tmp_path / 'hf', {'w': W})
+    (path / 'model.safetensors').unlink()
+    from orbax_surgery.safetensors import write_file
+
+    write_file(path / 'model.safetensors', {'w': W[:, :32]})
+    with pytest.raises(osurg.ChecksumMismatchError, match=r"'w' is stored as float32\[256, 32\]"):
+        osurg.restore(path, verify=True)
+    shutil.rmtree(path / CHECKSUMS_DIR)
+    with pytest.raises(osurg.SourceReadError, match='saved without checksums'):
+        osurg.restore(path, verify=True)
+
+
+def test_a_sharded_target_reads_each_safetensors_block_once(tmp_path, mesh8, monkeypatch):
+    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 4096)  # 16 rows of W a block
+    path = export(tmp_path / 'hf', {'w': W})
+    for spec in [P(None, 'x'), P('x'), P('x', None)]:
+        source = verified(osurg.SafetensorsCheckpoint(path))
+        assert source.arrays['w'].chunk_shape == (16, 64) and not source.arrays['w'].byte_ranges
+        target = {'w': jax.ShapeDtypeStruct(W.shape, W.dtype, sharding=NamedSharding(mesh8, spec))}
+        got = osurg.restore(source, target)['w']
+        np.testing.assert_array_equal(np.asarray(got), W)
+        assert source.bytes_read <= W.nbytes and source.source.bytes_read == W.nbytes, spec
+    # Through the handler too.
+    with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
+        got = ckptr.restore(path, args=osurg.SurgeryRestore(target=target, verify=True))
+    np.testing.assert_array_equal(np.asarray(got['w']), W)
+
+
+def test_a_failure_while_hashing_leaves_nothing_finalized(tmp_path, monkeypatch):
+    def broken(block):
+        raise OSError('read back failed')
+
+    monkeypatch.setattr(checksums, 'digest', broken)
+    with pytest.raises(OSError, match='read back failed'):
+        export(tmp_path / 'hf', {'w': W})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_converts_to_safetensors_with_checksums_and_verifies_them(tmp_path, capsys):
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / 'src', {'w': W, 'b': np.ones(3, np.float32)})
+    argv = ['convert', str(tmp_path / 'src'), str(tmp_path / 'hf'), '--to', 'safetensors']
+    assert cli.main([*argv, '--checksums', '-q', '--max-shard-size', '100']) == 0
+    assert (tmp_path / 'hf' / CHECKSUMS_DIR / 'process_0.json').is_file()
+    back = tmp_path / 'back'
+    assert cli.main(['convert', str(tmp_path / 'hf'), str(back), '--verify', '-q']) == 0
+    with ocp.StandardCheckpointer() as ckptr:
+        np.testing.assert_array_equal(ckptr.restore(back)['w'], W)
+    file = tmp_path / 'hf' / 'model-00002-of-00002.safetensors'
+    flip(file, at=data_offset(file, 'w') + 100)
+    assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'c'), '--verify', '-q']) == 2
+    err = capsys.readouterr().err
+    assert "'w' block (0, 0)" in err and str(file) in err and not (tmp_path / 'c').exists()

@@ -85,7 +85,11 @@ def test_llama_through_orbax_loads_in_transformers_with_the_same_logits(tmp_path
     rules = [
         *osurg.to_pytorch(add_prefix='model'),
     ]
-    out = save_safetensors(tmp_path / 'orbax', tmp_path / 'out', rules=rules, max_shard_size='50KB')
+    # With checksums: transformers ignores the _CHECKSUMS/ directory inside the export.
+    out = save_safetensors(
+        tmp_path / 'orbax', tmp_path / 'out', rules=rules, max_shard_size='50KB', checksums=True
+    )
+    assert (tmp_path / 'out' / '_CHECKSUMS' / 'process_0.json').is_file()
     total = sum(t.numel() * 4 for t in state.values())
     assert out.total_size == total and out.bytes_written == total
     assert out.files[-1] == 'model.safetensors.index.json' and len(out.files) > 3
