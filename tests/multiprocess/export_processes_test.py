@@ -17,6 +17,10 @@ def test_each_process_writes_only_its_part_of_the_safetensors_export(launch):
         # Process 0 read the files back with the safetensors library.
         assert results[0][run]['matches'], run
         assert results[0][run]['leftovers'] == [], run
+    # 5 tensors of one block each, dealt in turn: 3 to process 0, 2 to process 1.
+    for run in ('live', 'checkpoint'):
+        assert results[0][run]['checksum_blocks'] == {'process_0.json': 3, 'process_1.json': 2}
+    assert results[0]['overwrite']['checksum_blocks'] is None
     # 40 KB shards: several files with an index; 1 GB: one file, replacing them.
     assert results[0]['live']['files'][-1] == 'model.safetensors.index.json'
     assert len(results[0]['live']['files']) >= 4

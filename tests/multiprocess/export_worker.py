@@ -2,11 +2,14 @@
 
 Both processes save a Flax-named tree of sharded jax.Arrays with plain Orbax, then
 export it to safetensors twice: the live arrays (each process writes the shards it
-holds) and the saved checkpoint (whole tensors spread over the processes by bytes).
+holds) and the saved checkpoint (whole tensors spread over the processes by bytes),
+both with checksums (each process hashes its turn of the blocks, read back).
 Every positioned write is counted; process 0 reads the results back with the
-`safetensors` library and compares them with the expected PyTorch-layout arrays.
+`safetensors` library and compares them with the expected PyTorch-layout arrays,
+and reads them again verified against the checksums.
 """
 
+import asyncio
 import json
 import os
 import sys
@@ -27,6 +30,8 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import orbax_surgery as osurg  # noqa: E402
+from orbax_surgery import regions  # noqa: E402
+from orbax_surgery.checksums import CHECKSUMS_DIR, verified  # noqa: E402
 from orbax_surgery.export import save_safetensors  # noqa: E402
 from orbax_surgery.keys import nest  # noqa: E402
 
@@ -93,7 +98,22 @@ def export(source, name, **kwargs):
             assert got[key].dtype == want.dtype, (key, got[key].dtype)
             np.testing.assert_array_equal(got[key], want, err_msg=key)
         matches = True
+    blocks = None
+    if jax.process_index() == 0 and kwargs.get('checksums'):
+        # Each process hashed its share, read back from the files; a verified read passes.
+        folder = f'{workdir}/{name}/{CHECKSUMS_DIR}'
+        blocks = {}
+        for file in sorted(os.listdir(folder)):
+            with open(f'{folder}/{file}') as f:
+                arrays = json.load(f)['arrays'].values()
+            blocks[file] = sum(len(r['blocks']) for r in arrays)
+        source = verified(osurg.SafetensorsCheckpoint(f'{workdir}/{name}'))
+        for key, src in source.arrays.items():
+            got = asyncio.run(source.read(src, regions.full(src.shape)))
+            np.testing.assert_array_equal(got, expected[key.replace('/', '.')], err_msg=key)
+        assert source.bytes_read == out.total_size, (source.bytes_read, out.total_size)
     return {
+        'checksum_blocks': blocks,
         'bytes_written': pwritten,
         'total_size': out.total_size,
         'files': list(out.files),
@@ -127,8 +147,10 @@ results = {
     'gather_error': gather_error,
     'gathered_exists': os.path.exists(f'{workdir}/gathered'),
     'process': jax.process_index(),
-    'live': export(live, 'from_live', max_shard_size='40KB'),
-    'checkpoint': export(f'{workdir}/orbax', 'from_checkpoint', max_shard_size='40KB'),
+    'live': export(live, 'from_live', max_shard_size='40KB', checksums=True),
+    'checkpoint': export(
+        f'{workdir}/orbax', 'from_checkpoint', max_shard_size='40KB', checksums=True
+    ),
     'overwrite': export(live, 'from_live', max_shard_size='1GB', overwrite=True),
 }
 multihost_utils.sync_global_devices('export_worker.done')
