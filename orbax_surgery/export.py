@@ -35,13 +35,13 @@ from etils import epath
 from orbax_surgery import regions
 from orbax_surgery.atomic import move_into_place
 from orbax_surgery.barrier import DEFAULT_PEER_TIMEOUT_SECS, Barrier
-from orbax_surgery.checksums import record_safetensors
 from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.keys import KeyPath, PyTree
 from orbax_surgery.materializer import DEFAULT_MAX_INFLIGHT_BYTES, run_sync
 from orbax_surgery.plan import Rules, Step, resolve
 from orbax_surgery.regions import Region
 from orbax_surgery.safetensors import DTYPES, INDEX_FILE, SINGLE_FILE, key_to_name
+from orbax_surgery.safetensors_checksums import record_safetensors
 from orbax_surgery.saving import natural_sharding
 from orbax_surgery.session import Session, Usage
 from orbax_surgery.sources import ArraySource, TreeSource, key_region, open_source
@@ -148,7 +148,7 @@ def save_safetensors(
             other processes once a peer misses its heartbeats for
             `jax.distributed.initialize(heartbeat_timeout_seconds=...)`, 100 s by default.)
         checksums: Also record a BLAKE2b-128 digest of every tensor's blocks
-            (`checksums.safetensors_block_shape`), read back from the written
+            (`safetensors_checksums.block_shape`), read back from the written
             files once all are written, in `_CHECKSUMS/process_<i>.json` inside
             `directory`, so that restores with `verify=True` detect changed
             bytes. Each process reads and hashes an even share of the blocks;

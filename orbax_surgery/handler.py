@@ -253,8 +253,9 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
             `OrbaxTransforms`.
         max_inflight_bytes: Host memory for data read but not yet placed.
         verify: Check every block read against the checksums recorded by a
-            save with `checksums=True`; raises `ChecksumMismatchError` on a
-            difference, and `SourceReadError` for a checkpoint without them.
+            save or safetensors export with `checksums=True`; raises
+            `ChecksumMismatchError` on a difference, and `SourceReadError` for
+            a checkpoint without them.
             Reads whole stored blocks (see `orbax_surgery.checksums`).
 
     The directory restored may also hold Hugging Face safetensors (shards with
@@ -297,7 +298,7 @@ def restore(
     `source` is an Orbax checkpoint item directory, a Hugging Face safetensors
     file or directory (sharded with its index), or a source object. Each host
     reads only what its shards need. With `verify=True`, every block read is
-    checked against the checksums a save with `checksums=True` recorded.
+    checked against the checksums a save or export with `checksums=True` recorded.
 
     Example:
         >>> import tempfile, numpy as np

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import orbax_surgery as osurg
-from orbax_surgery import checksums, cli
+from orbax_surgery import cli, safetensors_checksums
 from orbax_surgery.checksums import CHECKSUMS_DIR, Recorder, Verified, digest, verified
 from orbax_surgery.export import save_safetensors
 from orbax_surgery.listing import describe
@@ -329,7 +329,8 @@ def data_offset(file, name):
 
 @pytest.mark.parametrize('shard_size', ['1GB', 600], ids=['one_file', 'indexed'])
 def test_a_safetensors_export_round_trips_verified(tmp_path, monkeypatch, shard_size):
-    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 1536)  # f32: 40 rows in 3 blocks
+    # float32[40, 24]: 16 rows a block, 3 blocks.
+    monkeypatch.setattr(safetensors_checksums, 'SAFETENSORS_BLOCK_BYTES', 1536)
     path = export(tmp_path / 'hf', TENSORS, max_shard_size=shard_size)
     record = records(path)
     assert sorted(record) == sorted(TENSORS)
@@ -355,7 +356,7 @@ def test_a_safetensors_export_round_trips_verified(tmp_path, monkeypatch, shard_
 
 
 def test_a_flipped_byte_of_a_tensor_names_key_file_block_and_region(tmp_path, monkeypatch):
-    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 1024)  # W: 4 rows a block
+    monkeypatch.setattr(safetensors_checksums, 'SAFETENSORS_BLOCK_BYTES', 1024)  # W: 4 rows
     path = export(tmp_path / 'hf', {'w': W, 'b': np.ones(3, np.float32)}, max_shard_size=8)
     file = path / 'model-00002-of-00002.safetensors'
     assert osurg.SafetensorsCheckpoint(file).arrays.keys() == {'w'}
@@ -389,7 +390,7 @@ def test_a_changed_header_or_lost_checksums_are_errors(tmp_path):
 
 
 def test_a_sharded_target_reads_each_safetensors_block_once(tmp_path, mesh8, monkeypatch):
-    monkeypatch.setattr(checksums, 'SAFETENSORS_BLOCK_BYTES', 4096)  # 16 rows of W a block
+    monkeypatch.setattr(safetensors_checksums, 'SAFETENSORS_BLOCK_BYTES', 4096)  # W: 16 rows
     path = export(tmp_path / 'hf', {'w': W})
     for spec in [P(None, 'x'), P('x'), P('x', None)]:
         source = verified(osurg.SafetensorsCheckpoint(path))
@@ -408,7 +409,7 @@ def test_a_failure_while_hashing_leaves_nothing_finalized(tmp_path, monkeypatch)
     def broken(block):
         raise OSError('read back failed')
 
-    monkeypatch.setattr(checksums, 'digest', broken)
+    monkeypatch.setattr(safetensors_checksums, 'digest', broken)
     with pytest.raises(OSError, match='read back failed'):
         export(tmp_path / 'hf', {'w': W})
     assert list(tmp_path.iterdir()) == []
