@@ -252,7 +252,7 @@ def test_damage_gives_a_specific_error_or_is_caught_by_verify(
                 assert re.search(r'block \(\d+, \d+\) \[\d+:\d+, 0:64\]', str(error)), error
             elif expected == 'undetected':
                 assert error is not None, f'{where} returned without noticing'
-                assert 'carries no checksums' in str(error), error
+                assert 'no checksums' in str(error), error  # Safetensors saved without them.
             elif verify and not verifiable:
                 assert error is not None, where  # Damaged or not, it has no checksums.
             else:
