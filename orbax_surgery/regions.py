@@ -114,16 +114,15 @@ def clip(region: Region, box: Region) -> Region | None:
     """The part of an ascending region inside a unit-step box, or None if empty.
 
     Example:
-        >>> clip((range(0, 10, 3),), (range(2, 8),))
-        (range(3, 8, 3),)
+        >>> [list(r) for r in clip((range(0, 10, 3),), (range(2, 8),))]
+        [[3, 6]]
     """
     out = []
     for r, b in zip(region, box, strict=True):
-        first = r.start if r.start >= b.start else r.start - (r.start - b.start) // r.step * r.step
-        part = range(first, min(r.stop, b.stop), r.step)
-        if not part:
+        lo, hi = _positions_within(r, b.start, b.stop)
+        if lo >= hi:
             return None
-        out.append(part)
+        out.append(compose(r, range(lo, hi)))
     return tuple(out)
 
 
@@ -131,7 +130,7 @@ def positions(inner: range, outer: range) -> slice:
     """Where the elements of `inner` sit in `outer` (both ascending, same step).
 
     Example:
-        >>> positions(range(3, 8, 3), range(0, 10, 3))
+        >>> positions(range(3, 9, 3), range(0, 10, 3))
         slice(1, 3, None)
     """
     start = (inner.start - outer.start) // outer.step
