@@ -343,8 +343,8 @@ class Verified:
         >>> with ocp.Checkpointer(osurg.SurgeryCheckpointHandler()) as ckptr:
         ...     ckptr.save(path, args=osurg.SurgerySave(item={'w': np.ones(4)}, checksums=True))
         >>> source = verified(OrbaxCheckpoint(path))
-        >>> osurg.materialize(osurg.resolve(source.arrays, None), source)
-        {'w': array([1., 1., 1., 1.])}
+        >>> osurg.materialize(osurg.resolve(source.arrays, None), source)['w'].tolist()
+        [1.0, 1.0, 1.0, 1.0]
     """
 
     def __init__(

@@ -94,10 +94,10 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         >>> with ocp.StandardCheckpointer() as ckptr:
         ...     ckptr.save(path, {'dense': {'w': np.arange(6.0).reshape(2, 3)}})
         >>> with ocp.Checkpointer(SurgeryCheckpointHandler()) as ckptr:
-        ...     ckptr.restore(path, args=SurgeryRestore(
+        ...     out = ckptr.restore(path, args=SurgeryRestore(
         ...         target={'Dense': {'w': ...}}, rules=[Rename('dense/(.*)', r'Dense/\\1')]))
-        {'Dense': {'w': array([[0., 1., 2.],
-               [3., 4., 5.]])}}
+        >>> out['Dense']['w'].tolist()
+        [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
 
     def __init__(self, *, use_ocdbt: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
@@ -271,8 +271,9 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
         >>> rules = [Rename('dense', 'Dense'), Drop('step')]
         >>> args = SurgeryRestore(target={'Dense': ...}, rules=rules)
         >>> with ocp.CheckpointManager(root) as manager:
-        ...     manager.restore(1, args=args)
-        {'Dense': array([1., 1.])}
+        ...     out = manager.restore(1, args=args)
+        >>> list(out), out['Dense'].tolist()
+        (['Dense'], [1.0, 1.0])
     """
 
     target: PyTree = None
@@ -301,16 +302,16 @@ def restore(
     checked against the checksums a save or export with `checksums=True` recorded.
 
     Example:
-        >>> import tempfile, numpy as np
+        >>> import tempfile, jax, numpy as np
         >>> from orbax_surgery import Rename, Transpose
         >>> from orbax_surgery.safetensors import write_file
         >>> path = tempfile.mkdtemp() + '/model.safetensors'
         >>> write_file(path, {'proj.weight': np.arange(6, dtype=np.float32).reshape(2, 3)})
-        >>> restore(path, {'proj': {'kernel': ...}},
-        ...         [Rename('proj/weight', 'proj/kernel'), Transpose('proj/kernel', (1, 0))])
-        {'proj': {'kernel': Array([[0., 3.],
-               [1., 4.],
-               [2., 5.]], dtype=float32)}}
+        >>> out = restore(path, {'proj': {'kernel': ...}},
+        ...               [Rename('proj/weight', 'proj/kernel'), Transpose('proj/kernel', (1, 0))])
+        >>> kernel = out['proj']['kernel']
+        >>> isinstance(kernel, jax.Array), kernel.dtype.name, kernel.tolist()
+        (True, 'float32', [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]])
     """
     opened = open_source(source)
     if verify:

@@ -61,10 +61,8 @@ def materialize(
         >>> plan = resolve(source.arrays, None, [Transpose('w', (1, 0))])
         >>> plan.steps[0].expr.describe()  # Inspect first; nothing was read yet.
         'transpose(w, (1, 0))'
-        >>> materialize(plan, source)
-        {'w': array([[0, 3],
-               [1, 4],
-               [2, 5]])}
+        >>> materialize(plan, source)['w'].tolist()
+        [[0, 3], [1, 4], [2, 5]]
     """
     plan.check()
     values = run_sync(compute_leaves(plan.steps, source, max_inflight_bytes, on_bytes))
@@ -83,11 +81,10 @@ def apply_rules(
     Example:
         >>> import numpy as np
         >>> import orbax_surgery as osurg
-        >>> apply_rules({'w': np.arange(6).reshape(2, 3)}, {'W': ...},
-        ...             [osurg.Rename('w', 'W'), osurg.Transpose('W', (1, 0))])
-        {'W': array([[0, 3],
-               [1, 4],
-               [2, 5]])}
+        >>> out = apply_rules({'w': np.arange(6).reshape(2, 3)}, {'W': ...},
+        ...                   [osurg.Rename('w', 'W'), osurg.Transpose('W', (1, 0))])
+        >>> out['W'].tolist()
+        [[0, 3], [1, 4], [2, 5]]
     """
     source = TreeSource(tree)
     plan = resolve(source.arrays, target, rules)

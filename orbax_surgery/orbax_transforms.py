@@ -48,8 +48,8 @@ class OrbaxTransforms:
         >>> rule = OrbaxTransforms({r'(.*)_new': ocp.Transform(original_key=r'\1')})
         >>> rule
         OrbaxTransforms(['(.*)_new'])
-        >>> apply_rules({'w': np.ones(2)}, {'w_new': ...}, [rule])
-        {'w_new': array([1., 1.])}
+        >>> apply_rules({'w': np.ones(2)}, {'w_new': ...}, [rule])['w_new'].tolist()
+        [1.0, 1.0]
     """
 
     transforms: PyTree

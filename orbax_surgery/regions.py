@@ -84,8 +84,8 @@ def to_slice(r: range) -> slice:
 
     Example:
         >>> import numpy as np
-        >>> np.arange(5)[to_slice(range(3, -1, -1))]
-        array([3, 2, 1, 0])
+        >>> np.arange(5)[to_slice(range(3, -1, -1))].tolist()
+        [3, 2, 1, 0]
     """
     if not r:
         return slice(0, 0)

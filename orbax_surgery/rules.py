@@ -106,8 +106,9 @@ class Rename(_Move):
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
         >>> rule = Rename(r'dense_(\d+)/(.*)', r'Dense_\1/\2')
-        >>> apply_rules({'dense_0': {'w': np.ones(2)}}, None, [rule])
-        {'Dense_0': {'w': array([1., 1.])}}
+        >>> out = apply_rules({'dense_0': {'w': np.ones(2)}}, None, [rule])
+        >>> list(out), out['Dense_0']['w'].tolist()
+        (['Dense_0'], [1.0, 1.0])
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -124,8 +125,9 @@ class Copy(_Move):
     Example:
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
-        >>> apply_rules({'embed': np.arange(3)}, None, [Copy('embed', 'lm_head')])
-        {'embed': array([0, 1, 2]), 'lm_head': array([0, 1, 2])}
+        >>> out = apply_rules({'embed': np.arange(3)}, None, [Copy('embed', 'lm_head')])
+        >>> out['embed'].tolist(), out['lm_head'].tolist()
+        ([0, 1, 2], [0, 1, 2])
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -140,8 +142,9 @@ class Drop(_Pattern):
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
         >>> tree = {'w': np.ones(2), 'opt_state': {'mu': np.zeros(2)}}
-        >>> apply_rules(tree, {'w': ...}, [Drop(r'opt_state/.*')])
-        {'w': array([1., 1.])}
+        >>> out = apply_rules(tree, {'w': ...}, [Drop(r'opt_state/.*')])
+        >>> list(out), out['w'].tolist()
+        (['w'], [1.0, 1.0])
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -160,8 +163,9 @@ class Fallback(_Pattern):
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
         >>> target = {'w': ..., 'head': np.zeros(3)}  # The new head from model.init.
-        >>> apply_rules({'w': np.ones(2)}, target, [Fallback('head')])
-        {'head': array([0., 0., 0.]), 'w': array([1., 1.])}
+        >>> out = apply_rules({'w': np.ones(2)}, target, [Fallback('head')])
+        >>> out['head'].tolist(), out['w'].tolist()
+        ([0.0, 0.0, 0.0], [1.0, 1.0])
     """
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
@@ -201,8 +205,9 @@ class Cast(_Map):
     Example:
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
-        >>> apply_rules({'w': np.ones(2)}, None, [Cast('w', 'bfloat16')])
-        {'w': array([1, 1], dtype=bfloat16)}
+        >>> w = apply_rules({'w': np.ones(2)}, None, [Cast('w', 'bfloat16')])['w']
+        >>> w.dtype.name, w.tolist()
+        ('bfloat16', [1.0, 1.0])
     """
 
     dtype: Any
@@ -231,10 +236,9 @@ class Transpose(_Map):
     Example:
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
-        >>> apply_rules({'w': np.arange(6).reshape(2, 3)}, None, [Transpose('w', (1, 0))])
-        {'w': array([[0, 3],
-               [1, 4],
-               [2, 5]])}
+        >>> out = apply_rules({'w': np.arange(6).reshape(2, 3)}, None, [Transpose('w', (1, 0))])
+        >>> out['w'].tolist()
+        [[0, 3], [1, 4], [2, 5]]
     """
 
     axes: tuple[int, ...]
@@ -294,8 +298,9 @@ class Slice(_Map):
     Example:
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
-        >>> apply_rules({'embed': np.arange(10)}, None, [Slice('embed', np.s_[:4])])
-        {'embed': array([0, 1, 2, 3])}
+        >>> out = apply_rules({'embed': np.arange(10)}, None, [Slice('embed', np.s_[:4])])
+        >>> out['embed'].tolist()
+        [0, 1, 2, 3]
     """
 
     index: Any
@@ -320,8 +325,9 @@ class MapValue(_Map):
         >>> rule = MapValue(r'.*/scale', lambda x: x + 1, elementwise=True)
         >>> rule
         MapValue('.*/scale', <lambda>, elementwise=True)
-        >>> apply_rules({'norm': {'scale': np.zeros(2)}}, None, [rule])
-        {'norm': {'scale': array([1., 1.])}}
+        >>> out = apply_rules({'norm': {'scale': np.zeros(2)}}, None, [rule])
+        >>> out['norm']['scale'].tolist()
+        [1.0, 1.0]
     """
 
     fn: Callable[[Any], Any]
@@ -358,8 +364,9 @@ class Combine(_Pattern):
         >>> from orbax_surgery import apply_rules
         >>> fuse = Combine(r'(.*)/qkv', (r'\1/q', r'\1/k', r'\1/v'), lambda *x: jnp.concatenate(x))
         >>> tree = {'attn': {n: np.full(2, i, np.float32) for i, n in enumerate('qkv')}}
-        >>> apply_rules(tree, {'attn': {'qkv': ...}}, [fuse])
-        {'attn': {'qkv': array([0., 0., 1., 1., 2., 2.], dtype=float32)}}
+        >>> qkv = apply_rules(tree, {'attn': {'qkv': ...}}, [fuse])['attn']['qkv']
+        >>> qkv.dtype.name, qkv.tolist()
+        ('float32', [0.0, 0.0, 1.0, 1.0, 2.0, 2.0])
     """
 
     inputs: tuple[str, ...]

@@ -73,8 +73,10 @@ class Unstack(_Layers):
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
         >>> scanned = {'layers': {'w': np.arange(6).reshape(3, 2)}}  # 3 layers on axis 0
-        >>> apply_rules(scanned, None, [Unstack(r'layers/(.*)', r'layers_{i}/\1', layers=[0, 2])])
-        {'layers_0': {'w': array([0, 1])}, 'layers_1': {'w': array([4, 5])}}
+        >>> rule = Unstack(r'layers/(.*)', r'layers_{i}/\1', layers=[0, 2])
+        >>> out = apply_rules(scanned, None, [rule])
+        >>> out['layers_0']['w'].tolist(), out['layers_1']['w'].tolist()
+        ([0, 1], [4, 5])
     """
 
     def __post_init__(self):
@@ -156,9 +158,9 @@ class Stack(_Layers):
         >>> import numpy as np
         >>> from orbax_surgery import apply_rules
         >>> unrolled = {'layers_0': {'w': np.zeros(2)}, 'layers_1': {'w': np.ones(2)}}
-        >>> apply_rules(unrolled, None, [Stack(r'layers_{i}/(.*)', r'layers/\1')])
-        {'layers': {'w': array([[0., 0.],
-               [1., 1.]])}}
+        >>> out = apply_rules(unrolled, None, [Stack(r'layers_{i}/(.*)', r'layers/\1')])
+        >>> out['layers']['w'].tolist()
+        [[0.0, 0.0], [1.0, 1.0]]
     """
 
     _names: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)

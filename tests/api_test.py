@@ -1,5 +1,8 @@
 import doctest
+import importlib
 import inspect
+import pkgutil
+import re
 import sys
 
 import orbax_surgery as osurg
@@ -89,6 +92,29 @@ def test_every_public_name_has_an_example_the_suite_runs():
         if f'{obj.__module__}.{obj.__qualname__}' not in collected
     ]
     assert missing == [], f'no doctest example (>>>) in the docstrings of {missing}'
+
+
+# What another library prints for its objects: a new release may change it (ml_dtypes 0.7 printed
+# `dtype=dtype(bfloat16)`), so doctests show `.tolist()` and `.dtype.name` instead.
+_FOREIGN_REPR = re.compile(
+    r'\b(array|Array|dtype|ShapeDtypeStruct|NamedSharding|PartitionSpec)\(|dtype='
+)
+
+
+def test_doctests_do_not_print_reprs_of_other_libraries():
+    finder = doctest.DocTestFinder()
+    modules = [
+        importlib.import_module(m.name)
+        for m in pkgutil.walk_packages(osurg.__path__, 'orbax_surgery.')
+    ]
+    found = [
+        f'{test.name}: {example.want.strip()[:60]!r}'
+        for module in [osurg, *modules]
+        for test in finder.find(module)
+        for example in test.examples
+        if _FOREIGN_REPR.search(example.want)
+    ]
+    assert found == [], f'print .tolist() and .dtype.name instead: {found}'
 
 
 def test_errors_share_one_root_and_are_value_errors():

@@ -60,8 +60,8 @@ class LoraCheckpointHandler(PyTreeItemHandler):
         >>> with ocp.Checkpointer(LoraCheckpointHandler()) as ckptr:
         ...     ckptr.save(f'{root}/adapters', args=LoraSave(item=trainable, lora=lora))
         ...     merged = ckptr.restore(f'{root}/adapters', args=LoraRestore(base=f'{root}/base'))
-        >>> merged['dense']['kernel'][0]  # 1 + (4 / 2) * (1 * 0.25 + 1 * 0.25)
-        array([2., 2., 2., 2., 2., 2.], dtype=float32)
+        >>> merged['dense']['kernel'][0].tolist()  # 1 + (4 / 2) * (1 * 0.25 + 1 * 0.25)
+        [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     """
 
     @classmethod

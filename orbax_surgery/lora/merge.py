@@ -122,9 +122,9 @@ class MergeAdapters:
         >>> joined = {'w': np.ones((2, 3), np.float32), 'w_lora_a': np.ones((2, 1), np.float32),
         ...           'w_lora_b': np.ones((1, 3), np.float32)}
         >>> lora = LoraSpec(['w'], rank=1, alpha=4).bind(joined)
-        >>> apply_rules(joined, None, [MergeAdapters(lora)])  # 1 + 4 * 1 * 1
-        {'w': array([[5., 5., 5.],
-               [5., 5., 5.]], dtype=float32)}
+        >>> w = apply_rules(joined, None, [MergeAdapters(lora)])['w']  # 1 + 4 * 1 * 1
+        >>> w.dtype.name, w.tolist()
+        ('float32', [[5.0, 5.0, 5.0], [5.0, 5.0, 5.0]])
     """
 
     layout: LoraLayout

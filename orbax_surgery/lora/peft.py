@@ -427,8 +427,8 @@ def read_peft_adapter(
         >>> print(adapter.layout)
         LoRA layout: 1 adapters, 0 trained in full
           proj/kernel (4, 3): rank 1, scale 2, A (4, 1), B (1, 3)
-        >>> adapter.restore()['proj']['kernel'][0]  # 0 + 2 * 1 * 1
-        Array([2., 2., 2.], dtype=float32)
+        >>> adapter.restore()['proj']['kernel'][0].tolist()  # 0 + 2 * 1 * 1
+        [2.0, 2.0, 2.0]
     """
     if isinstance(naming, str) and naming not in NAMINGS:
         raise SurgeryError(f'naming {naming!r} is not one of {sorted(NAMINGS)} or two templates.')
