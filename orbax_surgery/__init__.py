@@ -16,13 +16,17 @@ from orbax_surgery.errors import (
     UnmatchedKeyError,
     UnusedKeyError,
 )
-from orbax_surgery.export import Exported, save_safetensors
-from orbax_surgery.handler import (
-    SurgeryCheckpointHandler,
-    SurgeryRestore,
-    SurgerySave,
-    plan_restore,
-    restore,
+from orbax_surgery.huggingface import (
+    Exported,
+    FromPyTorch,
+    ModuleLists,
+    PeftAdapter,
+    ToPyTorch,
+    from_pytorch,
+    read_peft_adapter,
+    save_peft_adapter,
+    save_safetensors,
+    to_pytorch,
 )
 from orbax_surgery.lora import (
     LoraCheckpointHandler,
@@ -31,32 +35,26 @@ from orbax_surgery.lora import (
     LoraSave,
     LoraSpec,
     LoraTarget,
-    PeftAdapter,
     plan_lora_restore,
     read_lora_layout,
-    read_peft_adapter,
-    save_peft_adapter,
 )
-from orbax_surgery.materializer import apply_rules, materialize
-from orbax_surgery.orbax_transforms import OrbaxTransforms
-from orbax_surgery.plan import Plan, Step, resolve
-from orbax_surgery.pytorch import FromPyTorch, ModuleLists, ToPyTorch, from_pytorch, to_pytorch
-from orbax_surgery.rules import (
-    Cast,
-    Combine,
-    Copy,
-    Drop,
-    Fallback,
-    MapValue,
-    Rename,
-    Reshape,
-    Slice,
-    Transpose,
+from orbax_surgery.orbax.surgery_handler import (
+    SurgeryCheckpointHandler,
+    SurgeryRestore,
+    SurgerySave,
 )
-from orbax_surgery.safetensors import SafetensorsCheckpoint
-from orbax_surgery.saving import layer_save_args
-from orbax_surgery.sources import OrbaxCheckpoint, TreeSource
-from orbax_surgery.stacking import Stack, Unstack
+from orbax_surgery.plan.plan import Plan, Step
+from orbax_surgery.plan.resolve import resolve
+from orbax_surgery.read.materialize import apply_rules, materialize
+from orbax_surgery.read.restore import plan_restore, restore
+from orbax_surgery.rules.layers import Stack, Unstack
+from orbax_surgery.rules.moves import Copy, Drop, Fallback, Rename
+from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
+from orbax_surgery.rules.values import Cast, Combine, MapValue, Reshape, Slice, Transpose
+from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
+from orbax_surgery.sources.safetensors import SafetensorsCheckpoint
+from orbax_surgery.sources.tree import TreeSource
+from orbax_surgery.write.surgery_save import layer_save_args
 
 __version__ = '0.1.0'
 

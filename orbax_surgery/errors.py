@@ -109,7 +109,7 @@ class SourceReadError(SurgeryError):
 
     Example:
         >>> import os, tempfile, numpy as np, orbax_surgery as osurg
-        >>> from orbax_surgery.safetensors import write_file
+        >>> from orbax_surgery.huggingface.safetensors_file import write_file
         >>> path = tempfile.mkdtemp() + '/model.safetensors'
         >>> write_file(path, {'w': np.ones(4, np.float32)})
         >>> os.truncate(path, os.path.getsize(path) - 4)  # Cut short, as by a failed copy.
@@ -168,7 +168,7 @@ class ChecksumMismatchError(SourceReadError):
 
     Example:
         >>> import tempfile, numpy as np, orbax.checkpoint as ocp, orbax_surgery as osurg
-        >>> from orbax_surgery.checksums import CHECKSUMS_DIR
+        >>> from orbax_surgery.read.checksum_records import CHECKSUMS_DIR
         >>> path = tempfile.mkdtemp() + '/ckpt'
         >>> with ocp.Checkpointer(osurg.SurgeryCheckpointHandler(use_ocdbt=False)) as ckptr:
         ...     ckptr.save(path, args=osurg.SurgerySave(item={'w': np.ones(4)}, checksums=True))
@@ -190,7 +190,7 @@ class PeerTimeoutError(SurgeryError, TimeoutError):
     `TimeoutError`.
 
     Example:
-        >>> from orbax_surgery.barrier import Barrier
+        >>> from orbax_surgery.write.barrier import Barrier
         >>> barrier = Barrier('orbax_surgery.export', call=1, timeout_secs=5, process=0, count=2)
         >>> raise barrier.timed_out('written', 5.0, 'DEADLINE_EXCEEDED: ...', 'Nothing written.')
         ... # doctest: +NORMALIZE_WHITESPACE

@@ -6,6 +6,7 @@ import re
 import sys
 
 import orbax_surgery as osurg
+import orbax_surgery.huggingface
 import orbax_surgery.lora
 
 
@@ -73,6 +74,35 @@ def test_public_api_is_pinned():
     }
 
 
+def test_the_lora_and_huggingface_namespaces_are_pinned():
+    assert set(orbax_surgery.lora.__all__) == {
+        'Adapter',
+        'LoraCheckpointHandler',
+        'LoraLayout',
+        'LoraRestore',
+        'LoraSave',
+        'LoraSpec',
+        'LoraTarget',
+        'LowRankUpdate',
+        'MergeAdapters',
+        'plan_lora_restore',
+        'read_lora_layout',
+    }
+    assert set(orbax_surgery.huggingface.__all__) == {
+        'Exported',
+        'FromPyTorch',
+        'ModuleLists',
+        'PeftAdapter',
+        'SafetensorsCheckpoint',
+        'ToPyTorch',
+        'from_pytorch',
+        'read_peft_adapter',
+        'save_peft_adapter',
+        'save_safetensors',
+        'to_pytorch',
+    }
+
+
 def test_every_public_name_has_a_docstring():
     missing = [n for n in osurg.__all__ if not inspect.getdoc(getattr(osurg, n))]
     assert missing == []
@@ -81,7 +111,8 @@ def test_every_public_name_has_a_docstring():
 def test_every_public_name_has_an_example_the_suite_runs():
     # Errors included: their examples show what raises them, with the message.
     public = {n: getattr(osurg, n) for n in osurg.__all__}
-    public |= {n: getattr(orbax_surgery.lora, n) for n in orbax_surgery.lora.__all__}
+    for namespace in (orbax_surgery.lora, orbax_surgery.huggingface):
+        public |= {n: getattr(namespace, n) for n in namespace.__all__}
     finder = doctest.DocTestFinder()
     collected = set()
     for module in {sys.modules[obj.__module__] for obj in public.values()}:

@@ -24,8 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import orbax_surgery as osurg
-from orbax_surgery.checksums import Recorder
-from orbax_surgery.safetensors import INDEX_FILE, write_file
+from orbax_surgery.huggingface.safetensors_file import write_file
+from orbax_surgery.sources.safetensors import INDEX_FILE
+from orbax_surgery.write.checksums import Recorder
 
 W = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
 B = np.arange(10, dtype=np.float32)
@@ -295,7 +296,7 @@ def test_permission_denied_is_a_source_read_error(pristine, tmp_path, monkeypatc
         def refuse(*args, **kwargs):
             raise denied
 
-        from orbax_surgery import safetensors
+        from orbax_surgery.sources import safetensors
 
         monkeypatch.setattr(safetensors, 'open', refuse, raising=False)
     with pytest.raises(osurg.SourceReadError, match='Permission denied') as info:

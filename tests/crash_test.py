@@ -27,8 +27,9 @@ import pytest
 from crash_worker import RULES_TOML, lora, manager_options, stacked, unrolled
 
 import orbax_surgery as osurg
-from orbax_surgery import atomic, cli
+from orbax_surgery.cli import main as cli
 from orbax_surgery.keys import flatten
+from orbax_surgery.write import atomic
 
 WORKER = Path(__file__).with_name('crash_worker.py')
 KILLS = 20

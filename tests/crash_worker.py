@@ -79,7 +79,7 @@ def main(writer: str, workdir: str, step: int) -> None:
     import orbax.checkpoint as ocp
 
     import orbax_surgery as osurg
-    from orbax_surgery import cli
+    from orbax_surgery.cli import main as cli
 
     if writer.startswith('convert-'):
         to = writer.removeprefix('convert-')

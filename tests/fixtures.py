@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from orbax_surgery.arrays import regions
+
 
 def file_bytes_read() -> int:
     """TensorStore's count of bytes read from local files in this process."""
@@ -56,3 +58,20 @@ def axis_request(draw, n):
     step = draw(st.integers(1, 3)) * draw(st.sampled_from([1, -1]))
     a, b = sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2)))
     return range(n)[a:b:step] if step > 0 else range(n)[b:a:step]
+
+
+class NumpyContext:
+    """Serves whole arrays from memory and records every read."""
+
+    def __init__(self, values):
+        self.values = values
+        self.reads = []
+        self.whole_calls = 0
+
+    async def read(self, source, region):
+        self.reads.append((source.key, region))
+        return regions.take(self.values[source.key], region)
+
+    async def whole(self, node):
+        self.whole_calls += 1
+        return await node.evaluate_whole(self)

@@ -14,12 +14,13 @@ import functools
 
 import numpy as np
 
-from orbax_surgery import expr as ex
+from orbax_surgery.arrays import expr as ex
+from orbax_surgery.arrays.regions import Region, Shape
 from orbax_surgery.errors import DtypeMismatchError, LoraMismatchError, UnmatchedKeyError
 from orbax_surgery.keys import KeyPath, did_you_mean
-from orbax_surgery.lora.layout import Adapter, LoraLayout, canonical, low_rank_delta
-from orbax_surgery.regions import Region, Shape
-from orbax_surgery.rules import Entry, Target, Tree
+from orbax_surgery.lora.adapter import Adapter, canonical, low_rank_delta
+from orbax_surgery.lora.layout import LoraLayout
+from orbax_surgery.rules.rule import Entry, Target, Tree
 
 
 @dataclasses.dataclass(frozen=True)

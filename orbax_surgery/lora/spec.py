@@ -15,18 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from orbax_surgery.arrays.regions import Shape
 from orbax_surgery.errors import RuleError, ShapeMismatchError, UnmatchedKeyError
 from orbax_surgery.keys import KeyPath, KeyPattern, PyTree, did_you_mean, summarize
-from orbax_surgery.lora.layout import (
-    NAMINGS,
-    Adapter,
-    LoraLayout,
-    Naming,
-    adapter_keys,
-    canonical_shapes,
-)
-from orbax_surgery.regions import Shape
-from orbax_surgery.rules import parse_int
+from orbax_surgery.lora.adapter import NAMINGS, Adapter, Naming, adapter_keys, canonical_shapes
+from orbax_surgery.lora.layout import LoraLayout
+from orbax_surgery.rules.arguments import parse_int
 
 
 @dataclasses.dataclass(frozen=True)

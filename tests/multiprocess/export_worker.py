@@ -12,14 +12,11 @@ and reads them again verified against the checksums.
 import asyncio
 import json
 import os
-import sys
 
 import jax
+from job import join
 
-port, n, pid, devices, workdir = sys.argv[1:6]
-jax.config.update('jax_num_cpu_devices', int(devices))
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=int(n), process_id=int(pid))
+workdir = join().workdir
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,10 +27,11 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import orbax_surgery as osurg  # noqa: E402
-from orbax_surgery import regions  # noqa: E402
-from orbax_surgery.checksums import CHECKSUMS_DIR, verified  # noqa: E402
-from orbax_surgery.export import save_safetensors  # noqa: E402
+from orbax_surgery.arrays import regions  # noqa: E402
+from orbax_surgery.huggingface.export import save_safetensors  # noqa: E402
 from orbax_surgery.keys import nest  # noqa: E402
+from orbax_surgery.read.checksum_records import CHECKSUMS_DIR  # noqa: E402
+from orbax_surgery.read.verify import verified  # noqa: E402
 
 mesh = Mesh(np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ('x',))
 # key: (shape, dtype, spec). Kernels sharded on their output axis write contiguous rows

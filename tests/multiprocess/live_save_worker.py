@@ -1,14 +1,11 @@
 """One process of the 2-process live-tree save test: SurgerySave with rules from live arrays."""
 
 import json
-import sys
 
 import jax
+from job import join
 
-port, n, pid, devices, workdir = sys.argv[1:6]
-jax.config.update('jax_num_cpu_devices', int(devices))
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=int(n), process_id=int(pid))
+workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402

@@ -8,15 +8,12 @@ shards need of W, A and B. A `mode='split'` restore must give the adapters back 
 """
 
 import json
-import sys
 import time
 
 import jax
+from job import join
 
-port, n, pid, devices, workdir = sys.argv[1:6]
-jax.config.update('jax_num_cpu_devices', int(devices))
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=int(n), process_id=int(pid))
+workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402

@@ -22,20 +22,14 @@ import sys
 import time
 
 import jax
+from job import join
 
-port, n, pid, devices, workdir, case, recoverable = sys.argv[1:8]
+case, recoverable = sys.argv[6:8]
 HEARTBEAT_S = 4
-jax.config.update('jax_num_cpu_devices', int(devices))
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.config.update('jax_enable_recoverability', recoverable == '1')
-jax.distributed.initialize(
-    f'127.0.0.1:{port}',
-    num_processes=int(n),
-    process_id=int(pid),
-    heartbeat_timeout_seconds=HEARTBEAT_S,
-    shutdown_timeout_seconds=5,
-    initialization_timeout=60,
-)
+workdir = join(
+    heartbeat_timeout_seconds=HEARTBEAT_S, shutdown_timeout_seconds=5, initialization_timeout=60
+).workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
@@ -43,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import orbax_surgery as osurg  # noqa: E402
-from orbax_surgery.export import save_safetensors  # noqa: E402
+from orbax_surgery.huggingface.export import save_safetensors  # noqa: E402
 
 # Of every barrier below: Orbax's (AsyncOptions) and the export's. Without recoverability
 # it is longer than the heartbeat timeout, to show that JAX then ends the survivor itself.

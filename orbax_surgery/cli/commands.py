@@ -1,0 +1,222 @@
+"""The command line's commands: inspect, plan and convert, each from parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_surgery.cli.listing import describe, format_description, item_path
+from orbax_surgery.cli.python_rules import load_target
+from orbax_surgery.cli.rules_file import RulesFile, load_rules_file
+from orbax_surgery.errors import CheckpointNotFoundError, DestinationExistsError
+from orbax_surgery.huggingface.export import DEFAULT_MAX_SHARD_SIZE, save_safetensors
+from orbax_surgery.keys import PyTree, nest
+from orbax_surgery.orbax.surgery_handler import SurgeryCheckpointHandler, SurgerySave
+from orbax_surgery.plan.plan import Plan, Step, format_plan, plan_summary
+from orbax_surgery.plan.resolve import resolve
+from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES
+from orbax_surgery.read.verify import verified
+from orbax_surgery.rules.rule import Rule
+from orbax_surgery.sources.open import open_source
+from orbax_surgery.sources.source import ArraySource
+from orbax_surgery.units import format_bytes
+from orbax_surgery.write.atomic import move_into_place, replaced_siblings
+
+_PARTIAL = '.converting-'
+_REPLACED = '.replaced-'
+
+
+def use_cpu() -> None:
+    """Files to files need no accelerator: leave them to others, unless JAX_PLATFORMS says."""
+    if not os.environ.get('JAX_PLATFORMS'):
+        jax.config.update('jax_platforms', 'cpu')
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    use_cpu()
+    _check_not_mid_replace(os.path.abspath(args.path))
+    description = describe(os.path.abspath(args.path), step=args.step)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    use_cpu()
+    plan, _, _, _ = _planned(args)
+    print(json.dumps(plan_summary(plan), indent=2) if args.json else format_plan(plan))
+    return 1 if plan.errors else 0
+
+
+def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple[Rule, ...]]:
+    """The plan, and the source, target and rules it comes from."""
+    rules_file = load_rules_file(args.rules) if args.rules else RulesFile(epath.Path('.'))
+    target = rules_file.target
+    if args.target:
+        target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
+    _check_not_mid_replace(os.path.abspath(args.src))
+    src = item_path(os.path.abspath(args.src), step=args.step, item=args.item)
+    opened = open_source(src)
+    if getattr(args, 'verify', False):
+        opened = verified(opened)
+    source, rules = rules_file.compose(opened, target)
+    return resolve(source.arrays, target, rules), source, target, rules
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    dst = epath.Path(os.path.abspath(args.dst))
+    src = os.path.abspath(args.src)
+    if os.path.lexists(dst) and not args.overwrite:
+        raise DestinationExistsError(
+            f'{dst} exists; convert leaves it untouched. Choose another destination, or pass '
+            '--overwrite to replace it once the new one is complete.'
+        )
+    if dst == epath.Path(src) or str(dst).startswith(src.rstrip('/') + '/'):
+        raise DestinationExistsError(f'{dst} is the source or inside it; write somewhere else.')
+    use_cpu()
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
+    plan, source, target, rules = _planned(args)
+    if plan.errors:
+        print(f'orbax-surgery convert: the plan has {len(plan.errors)} error(s):', file=sys.stderr)
+        for i, e in enumerate(plan.errors, 1):
+            print(f'  {i}. {type(e).__name__}: {e}', file=sys.stderr)
+        print('Nothing was written. `orbax-surgery plan` shows the whole plan.', file=sys.stderr)
+        return 1
+    if target is None:  # What the rules give, spelled out: the writers need a target.
+        target = nest(dict.fromkeys(plan.target_keys, ...))
+    _remove_leftovers(dst, quiet=args.quiet)
+    partial = dst.parent / f'{dst.name}{_PARTIAL}{secrets.token_hex(4)}'
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    total = sum(_nbytes(step) for step in plan.steps)
+    try:
+        with _progress(total, args.quiet) as advance:
+            if args.to == 'orbax':
+                _write_orbax(partial, source, target, rules, budget, advance, args.checksums)
+            else:
+                save_safetensors(
+                    source,
+                    partial,
+                    target=target,
+                    rules=rules,
+                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                    max_inflight_bytes=budget,
+                    progress=advance,
+                    checksums=args.checksums,
+                )
+        move_into_place(partial, dst, aside=_REPLACED)
+    except BaseException:
+        for leftover in dst.parent.glob(f'{partial.name}*'):
+            shutil.rmtree(leftover, ignore_errors=True)
+        raise
+    for old in replaced_siblings(dst, _REPLACED):  # Kept until now, in case this one failed.
+        if not args.quiet:
+            print(f'Removing {old}, left by an interrupted --overwrite.', file=sys.stderr)
+        shutil.rmtree(old)
+    if not args.quiet:
+        secs = time.monotonic() - start
+        print(
+            f'Wrote {dst} ({"Orbax checkpoint" if args.to == "orbax" else "safetensors"}): '
+            f'{len(plan.steps)} arrays, {format_bytes(total)} in {secs:.1f} s.'
+        )
+    return 0
+
+
+def _write_orbax(
+    path: epath.Path,
+    source: ArraySource,
+    target: PyTree,
+    rules: Sequence[Rule],
+    budget: int,
+    advance: Callable[[int], None],
+    checksums: bool = False,
+) -> None:
+    """Writes an Orbax checkpoint item at `path`, a budget's worth of leaves at a time.
+
+    Orbax writes into a temporary directory of its own and renames it `path`.
+    """
+    args = SurgerySave(
+        item=source,
+        rules=rules,
+        target=target,
+        max_inflight_bytes=budget,
+        progress=advance,
+        checksums=checksums,
+    )
+    with ocp.Checkpointer(SurgeryCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=args)
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (bytes done / total, rate, time left), or nothing."""
+    if quiet:
+        yield lambda _: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn('writing'),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task('writing', total=total)
+        yield lambda n: bar.advance(task, n)
+        bar.update(task, completed=total)
+
+
+def _nbytes(step: Step) -> int:
+    leaf = step.target
+    assert leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    return math.prod(leaf.shape or ()) * leaf.dtype.itemsize
+
+
+def _check_not_mid_replace(path: str) -> None:
+    """A missing `path` that a killed `convert --overwrite` moved aside: say where it is."""
+    old = replaced_siblings(epath.Path(path), _REPLACED)
+    if old and not os.path.lexists(path):
+        raise CheckpointNotFoundError(
+            f'No checkpoint at {path}: a `convert --overwrite` to it was killed while replacing '
+            f'it, and the previous result is at {old[-1]}. Move it back (mv {old[-1]} {path}), '
+            'or run the convert again (it removes the old one once the new one is in place).'
+        )
+
+
+def _remove_leftovers(dst: epath.Path, *, quiet: bool) -> None:
+    """Removes what an interrupted convert to `dst` left beside it."""
+    for leftover in sorted(dst.parent.glob(f'{dst.name}{_PARTIAL}*')):
+        if not quiet:
+            print(f'Removing {leftover}, left by an interrupted convert.', file=sys.stderr)
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+
+
+def demo_command(directory: str | None, devices: int) -> int:
+    jax.config.update('jax_num_cpu_devices', devices)
+    from orbax_surgery.cli.demo import run_demo
+
+    return 0 if run_demo(directory) else 1

@@ -1,0 +1,270 @@
+"""A rules file's entries: one rule, preset or LoRA merge each, every field checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+from orbax_surgery.errors import RuleError
+from orbax_surgery.huggingface.pytorch_rules import from_pytorch, to_pytorch
+from orbax_surgery.keys import PyTree, did_you_mean
+from orbax_surgery.rules.arguments import parse_dtype
+from orbax_surgery.rules.layers import Stack, Unstack
+from orbax_surgery.rules.moves import Copy, Drop, Fallback, Rename
+from orbax_surgery.rules.rule import Rule
+from orbax_surgery.rules.values import Cast, Reshape, Slice, Transpose
+from orbax_surgery.sources.source import ArraySource
+
+_MODES = ('merge', 'unmerge')
+
+
+class BadValue(Exception):
+    """A field's value is wrong; the caller says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraMerge:
+    """A `lora` entry: adapters merged onto the checkpoint after the rules before it.
+
+    Attributes:
+        adapters: A `LoraSave` checkpoint item, or a PEFT adapter directory
+            (one holding `adapter_config.json`).
+        mode: 'merge' adds `scale * A @ B` to each adapted weight; 'unmerge'
+            subtracts it (the checkpoint holds merged weights).
+    """
+
+    adapters: epath.Path
+    mode: str = 'merge'
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise RuleError(f'LoraMerge: mode must be one of {_MODES}, not {self.mode!r}.')
+
+    def compose(
+        self,
+        source: ArraySource,
+        target: PyTree,
+        before: Sequence[Rule],
+        after: Sequence[Rule],
+    ) -> tuple[ArraySource, tuple[Rule, ...]]:
+        """The base and the adapters as one source, and the rules that merge them."""
+        # The same composition as `LoraRestore`'s (lora.checkpoint.plan_adapters), with
+        # rules after the merge too, so that a merged model can be exported.
+        from orbax_surgery.huggingface.peft_adapter import read_peft_adapter as read_peft
+        from orbax_surgery.huggingface.peft_format import CONFIG_FILE
+        from orbax_surgery.lora.handler import read_lora_layout
+        from orbax_surgery.lora.restore_plan import merge_rules
+        from orbax_surgery.sources.namespaced import Namespaced
+        from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
+
+        adapters: ArraySource
+        adapter_rules: list[Rule] = []
+        if (self.adapters / CONFIG_FILE).exists():
+            peft = read_peft(self.adapters, base=source, target=target, base_rules=before)
+            adapters = peft.source
+            adapter_rules = peft.tensor_rules()
+            layout = peft.layout
+        else:
+            adapters = OrbaxCheckpoint(self.adapters)
+            layout = read_lora_layout(self.adapters)
+        both = Namespaced({'base': source, 'adapters': adapters})
+        sign = 1 if self.mode == 'merge' else -1
+        rules = [
+            *merge_rules(layout, base_rules=before, adapter_rules=adapter_rules, sign=sign),
+            *after,
+        ]
+        return both, tuple(rules)
+
+
+def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
+    where = f'{path}: rules[{i}]'
+    if not isinstance(entry, Mapping) or not entry:
+        raise RuleError(
+            f"{where} is {entry!r}; a rule is a table with one kind, e.g. {{drop = 'opt/.*'}}."
+        )
+    if 'preset' in entry:
+        return _preset(entry, where)
+    if len(entry) > 1:
+        raise RuleError(
+            f'{where} has the keys {sorted(entry)}; an entry holds one rule (or a preset '
+            'with its options). Split it into one entry per rule.'
+        )
+    ((kind, value),) = entry.items()
+    if kind not in _KINDS:
+        raise RuleError(
+            f'{where}: unknown rule kind {kind!r}; the kinds are {", ".join(_KINDS)} and '
+            f'preset.{did_you_mean(str(kind), [*_KINDS, "preset"])}'
+        )
+    make, required, optional = _KINDS[kind]
+    where = f'{where} ({kind})'
+    if not isinstance(value, Mapping):
+        if kind not in _SHORTHAND:
+            table = ', '.join(f'{f} = ...' for f in required)
+            raise RuleError(f'{where} is {value!r}; write its fields as a table: {{{table}}}.')
+        value = {_SHORTHAND[kind]: value}
+    for field in value:
+        if field not in (*required, *optional):
+            raise RuleError(
+                f'{where}: unknown field {field!r}; {kind} takes {", ".join(required + optional)}.'
+                f'{did_you_mean(str(field), required + optional)}'
+            )
+    missing = [f for f in required if f not in value]
+    if missing:
+        raise RuleError(f'{where}: missing {", ".join(map(repr, missing))}.')
+    try:
+        fields = {f: _FIELDS[f](v) for f, v in value.items()}
+        if kind == 'lora':
+            adapters = epath.Path(fields['adapters'])
+            fields['adapters'] = adapters if adapters.is_absolute() else path.parent / adapters
+        made = make(**fields)
+    except BadValue as e:
+        raise RuleError(f'{where}: {e}') from None
+    except RuleError as e:
+        raise RuleError(f'{where}: {e}') from e
+    return made if isinstance(made, LoraMerge) else [made]
+
+
+def _preset(entry: Mapping[str, Any], where: str) -> list[Rule]:
+    name = entry['preset']
+    if name not in _PRESETS:
+        raise RuleError(
+            f'{where}: unknown preset {name!r}; the presets are {", ".join(_PRESETS)}.'
+            f'{did_you_mean(str(name), _PRESETS)}'
+        )
+    fn = _PRESETS[name]
+    where = f'{where} (preset {name!r})'
+    params = inspect.signature(fn).parameters
+    options = {}
+    for option, value in entry.items():
+        if option == 'preset':
+            continue
+        if option not in params:
+            raise RuleError(
+                f'{where}: unknown option {option!r}; it takes {", ".join(params)}.'
+                f'{did_you_mean(str(option), params)}'
+            )
+        try:
+            options[option] = _preset_option(option, value, params[option].default)
+        except BadValue as e:
+            raise RuleError(f'{where}: {option}: {e}') from None
+    try:
+        return fn(**options)
+    except RuleError as e:
+        raise RuleError(f'{where}: {e}') from e
+
+
+def _preset_option(option: str, value: Any, default: Any) -> Any:
+    if option == 'layers' and value in (None, 'none'):
+        return None
+    if isinstance(default, tuple | list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadValue(f'must be a list of strings, not {value!r}.')
+        return tuple(value)
+    if value is None and default is None:
+        return None
+    return _string(value)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise BadValue(f'must be a string, not {value!r}.')
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadValue(f'must be an integer, not {value!r}.')
+    return value
+
+
+def read_ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise BadValue(f'must be a list of integers, not {value!r}.')
+    return tuple(value)
+
+
+def read_dtype(value: Any) -> Any:
+    return parse_dtype(_string(value), 'dtype')
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    """A list of layer numbers, or 'start:stop[:step]' for a range."""
+    if isinstance(value, str):
+        parts = value.split(':')
+        try:
+            numbers = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3) or numbers[1] is None:
+            raise BadValue(f"{value!r} is not a range 'start:stop' or 'start:stop:step'.")
+        start, stop, step = (numbers + [None])[:3]
+        return tuple(range(start or 0, numbers[1], step or 1))
+    return read_ints(value)
+
+
+def _index(value: Any) -> Any:
+    """NumPy basic indexing written as a string, e.g. '[:32000]' or '3, ::2', or an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = _string(value).strip()
+    if text.startswith('[') and text.endswith(']'):
+        text = text[1:-1]
+    out: list[Any] = []
+    for part in text.split(','):
+        bounds = part.split(':')
+        try:
+            numbers = [int(b) if b.strip() else None for b in bounds]
+        except ValueError:
+            numbers = []
+        if not numbers or len(numbers) > 3 or (len(numbers) == 1 and numbers[0] is None):
+            raise BadValue(
+                f'index {value!r}: {part.strip()!r} is not an integer or a slice '
+                "('start:stop:step'); write e.g. '[:32000]' or '[3, ::2]'."
+            )
+        out.append(numbers[0] if len(numbers) == 1 else slice(*numbers))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _mode(value: Any) -> str:
+    value = _string(value)
+    if value not in _MODES:
+        raise BadValue(f'mode must be one of {_MODES}, not {value!r}.')
+    return value
+
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    'pattern': _string,
+    'replacement': _string,
+    'dtype': read_dtype,
+    'axes': read_ints,
+    'shape': read_ints,
+    'axis': _int,
+    'layers': _layers,
+    'index': _index,
+    'adapters': _string,
+    'mode': _mode,
+}
+_KINDS: dict[str, tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...]]] = {
+    'rename': (Rename, ('pattern', 'replacement'), ()),
+    'copy': (Copy, ('pattern', 'replacement'), ()),
+    'drop': (Drop, ('pattern',), ()),
+    'fallback': (Fallback, ('pattern',), ()),
+    'cast': (Cast, ('pattern', 'dtype'), ()),
+    'transpose': (Transpose, ('pattern', 'axes'), ()),
+    'reshape': (Reshape, ('pattern', 'shape'), ()),
+    'slice': (Slice, ('pattern', 'index'), ()),
+    'unstack': (Unstack, ('pattern', 'replacement'), ('axis', 'layers')),
+    'stack': (Stack, ('pattern', 'replacement'), ('axis', 'layers')),
+    'lora': (LoraMerge, ('adapters',), ('mode',)),
+}
+_SHORTHAND = {'drop': 'pattern', 'fallback': 'pattern', 'lora': 'adapters'}
+_PRESETS: dict[str, Callable[..., list[Rule]]] = {
+    'from_pytorch': from_pytorch,
+    'to_pytorch': to_pytorch,
+}

@@ -1,0 +1,231 @@
+"""Resolving rules against a checkpoint's shapes and dtypes into a `Plan`, reading nothing.
+
+`resolve` is pure: it takes the checkpoint's shapes and dtypes (no data), the
+target and the rules, and returns a `Plan` that lists every problem at once.
+`Plan.check()` raises the first; restoring calls it before reading anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from orbax_surgery.arrays import expr as ex
+from orbax_surgery.errors import (
+    DtypeMismatchError,
+    RuleError,
+    ShapeMismatchError,
+    SurgeryError,
+    UnmatchedKeyError,
+    UnusedKeyError,
+)
+from orbax_surgery.keys import KeyPath, PyTree, close_matches, common_pattern, nest, summarize
+from orbax_surgery.plan.plan import Plan, Step
+from orbax_surgery.rules.moves import Fallback
+from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
+from orbax_surgery.rules.rule import Entry, Rule
+from orbax_surgery.rules.target import TargetLeaf, read_target
+
+Rules = Sequence[Rule] | Mapping[str, Any]
+
+
+def resolve(
+    source: Mapping[KeyPath, jax.ShapeDtypeStruct | ex.Source],
+    target: PyTree = None,
+    rules: Rules = (),
+) -> Plan:
+    """Plans how to build `target` from a checkpoint's arrays, reading nothing.
+
+    Args:
+        source: The checkpoint's leaves by key: `jax.ShapeDtypeStruct`s, or the
+            `Source`s a checkpoint source gives (which also know chunk shapes).
+        target: The tree to produce; None takes keys, shapes and dtypes from the
+            rules (the result is then nested dicts).
+        rules: The package's rules, applied in order, or an Orbax `Transform` tree.
+
+    Returns:
+        The plan; `plan.errors` lists every problem, `plan.check()` raises.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> import orbax_surgery as osurg
+        >>> src = {'dense/w': jax.ShapeDtypeStruct((2, 3), np.float32)}
+        >>> plan = resolve(src, {'Dense/w': ...}, [osurg.Rename('dense/(.*)', r'Dense/\\1')])
+        >>> [(s.key, s.expr.describe()) for s in plan.steps]
+        [('Dense/w', 'dense/w')]
+    """
+    sources = {k: _as_source(k, v) for k, v in source.items()}
+    tree: dict[KeyPath, Entry] = {k: Entry(s) for k, s in sources.items()}
+    leaves: dict[KeyPath, TargetLeaf] = {}
+    treedef = None
+    if target is not None:
+        leaves, treedef = read_target(target)
+    errors: list[SurgeryError] = []
+    dropped: dict[KeyPath, Rule] = {}
+    for rule in normalize_rules(rules):
+        before = _refs(e.expr for e in tree.values())
+        try:
+            tree = rule.apply(tree, leaves)
+        except SurgeryError as e:
+            errors.append(e)
+            continue
+        for key in sorted(before - _refs(e.expr for e in tree.values())):
+            dropped.setdefault(key, rule)
+    if target is None:
+        leaves, treedef = read_target(nest(dict.fromkeys(tree, ...)))
+    steps = []
+    missing = []
+    for key, leaf in leaves.items():
+        entry = tree.get(key)
+        if entry is None:
+            errors.append(_missing(key, tree, sources))
+            missing.append(key)
+            continue
+        try:
+            steps.append(Step(_resolve_leaf(leaf, entry.expr), entry.expr, entry.via))
+        except SurgeryError as e:
+            errors.append(e)
+    # A leaf that fails on shape or dtype still names its sources: they are not "unused".
+    used = _refs(tree[k].expr for k in leaves if k in tree)
+    unused = _unused(tree, sources, used, dropped)
+    if unused:
+        errors.append(_unused_error(unused))
+    return Plan(
+        steps=tuple(steps),
+        sources=sources,
+        unused=unused,
+        dropped=tuple(dropped.items()),
+        errors=tuple(errors),
+        treedef=treedef,
+        target_keys=tuple(leaves),
+        missing=tuple(missing),
+    )
+
+
+def normalize_rules(rules: Rules) -> tuple[Rule, ...]:
+    """A tuple of rules; a bare Orbax `Transform` tree becomes `OrbaxTransforms`."""
+    if isinstance(rules, Mapping):
+        return (OrbaxTransforms(rules),)
+    return tuple(rules)
+
+
+def _as_source(key: KeyPath, value: jax.ShapeDtypeStruct | ex.Source) -> ex.Source:
+    if isinstance(value, ex.Source):
+        return value
+    return ex.Source(key, tuple(value.shape), np.dtype(value.dtype))
+
+
+def _refs(exprs: Iterable[ex.Expr]) -> set[KeyPath]:
+    return {s.key for e in exprs for s in e.sources()}
+
+
+def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
+    if leaf.inferred:
+        leaf = dataclasses.replace(leaf, shape=value.shape, dtype=value.dtype, kind=value.kind)
+        _check_jax_dtype(leaf, value)
+        return leaf
+    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    if value.shape != leaf.shape:
+        raise ShapeMismatchError(
+            f'Target {leaf.key!r} has shape {leaf.shape}, but {value.describe()!r} gives '
+            f'{value.shape}.{_shape_hint(leaf.shape, value.shape)}'
+        )
+    if value.dtype != leaf.dtype:
+        raise DtypeMismatchError(
+            f'Target {leaf.key!r} has dtype {leaf.dtype}, but {value.describe()!r} gives '
+            f'{value.dtype}. Cast it on purpose: Cast({leaf.key!r}, {leaf.dtype.name!r}).'
+        )
+    leaf = dataclasses.replace(leaf, kind=leaf.kind or value.kind)
+    _check_jax_dtype(leaf, value)
+    return leaf
+
+
+def _check_jax_dtype(leaf: TargetLeaf, value: ex.Expr) -> None:
+    """A jax.Array target must have a dtype JAX holds as is (float64 needs x64)."""
+    assert leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    if leaf.kind != 'jax.Array' or _jax_holds(leaf.dtype):
+        return
+    raise DtypeMismatchError(
+        f'Target {leaf.key!r} is a jax.Array of dtype {leaf.dtype} (from {value.describe()!r}), '
+        f'which JAX cannot hold{_x64_hint(leaf.dtype)}. Cast it, e.g. '
+        f"Cast({leaf.key!r}, 'float32'), or make that target leaf a NumPy array."
+    )
+
+
+@functools.cache
+def _jax_holds(dtype: np.dtype) -> bool:
+    try:
+        canonical = jax.dtypes.canonicalize_dtype(dtype)
+        jax.eval_shape(lambda: jax.numpy.zeros((), canonical))
+    except TypeError:
+        return False
+    return canonical == dtype
+
+
+def _x64_hint(dtype: np.dtype) -> str:
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+    if canonical == dtype:
+        return ''
+    return f' (it would silently become {canonical}: jax_enable_x64 is off)'
+
+
+def _shape_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    if sorted(want) == sorted(got) and len(want) > 1:
+        return ' The same sizes in another order: a Transpose rule?'
+    if np.prod(want) == np.prod(got):
+        return ' The same number of elements: a Reshape rule?'
+    if len(want) == len(got) and sum(a != b for a, b in zip(want, got, strict=True)) == 1:
+        return ' One axis differs: a different layer count or vocabulary size?'
+    return ''
+
+
+def _missing(
+    key: KeyPath, tree: Mapping[KeyPath, Entry], sources: Mapping[KeyPath, ex.Source]
+) -> UnmatchedKeyError:
+    near = close_matches(key, tree) or close_matches(key, sources)
+    hint = f' Close keys: {", ".join(map(repr, near))}.' if near else ''
+    return UnmatchedKeyError(
+        f'Nothing fills target {key!r}: no checkpoint key has that name after the rules.{hint} '
+        f'Add a Rename, or {Fallback(key)!r} to keep the target value.'
+    )
+
+
+def _unused(
+    tree: Mapping[KeyPath, Entry],
+    sources: Mapping[KeyPath, ex.Source],
+    used: set[KeyPath],
+    dropped: Mapping[KeyPath, Rule],
+) -> tuple[tuple[KeyPath, KeyPath], ...]:
+    renamed: dict[KeyPath, KeyPath] = {}
+    for key, entry in tree.items():
+        if isinstance(entry.expr, ex.Source):
+            renamed.setdefault(entry.expr.key, key)
+    left = sorted(set(sources) - used - set(dropped))
+    return tuple((k, renamed.get(k, k)) for k in left)
+
+
+def _unused_error(unused: Sequence[tuple[KeyPath, KeyPath]]) -> UnusedKeyError:
+    keys = [k for k, _ in unused]
+    renamed = [f'{k!r} (renamed {v!r})' for k, v in unused if k != v][:3]
+    also = f' Renamed by the rules: {", ".join(renamed)}.' if renamed else ''
+    return UnusedKeyError(
+        f'{len(keys)} checkpoint keys are read by no target: {summarize(keys)}.{also} '
+        f'If that is meant, add Drop({common_pattern(keys)!r}); otherwise fix the rules.'
+    )
+
+
+def checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:
+    """The rules as a tuple (an Orbax Transform tree wrapped), each checked to be a rule."""
+    checked = normalize_rules(rules)
+    for i, rule in enumerate(checked):
+        if not callable(getattr(rule, 'apply', None)):
+            raise RuleError(
+                f'rules[{i}] is a {type(rule).__name__}, not a rule. Pass Orbax transforms '
+                'as one dict {target_regex: Transform}, or wrap it in OrbaxTransforms.'
+            )
+    return checked

@@ -1,0 +1,69 @@
+"""What a rule is: an edit of a tree of lazy values keyed by path, selected by regex.
+
+Rules apply in order to a tree of lazy expressions keyed by path; each rule sees
+the keys as the rules before it left them. Patterns are regexes matched with
+`re.fullmatch`; replacements may use `\\1` and `\\g<name>` backreferences. A
+rule whose pattern matches nothing is an error, since it is almost always a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from orbax_surgery.arrays import expr as ex
+from orbax_surgery.errors import UnmatchedKeyError
+from orbax_surgery.keys import KeyPath, KeyPattern, did_you_mean
+from orbax_surgery.rules.target import TargetLeaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One key of the tree being rewritten: its value and the rules that shaped it."""
+
+    expr: ex.Expr
+    via: tuple[Rule, ...] = ()
+
+    def then(self, rule: Rule, expr: ex.Expr | None = None) -> Entry:
+        return Entry(self.expr if expr is None else expr, self.via + (rule,))
+
+
+Tree = Mapping[KeyPath, Entry]
+Target = Mapping[KeyPath, TargetLeaf]
+
+
+class Rule(Protocol):
+    """Anything with `apply(tree, target) -> tree`; see the classes below."""
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternRule:
+    """Base for rules that select keys with a regex."""
+
+    pattern: str
+    _re: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, '_re', KeyPattern(self.pattern, repr(self)))
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        raise NotImplementedError(f'{type(self).__name__} is not a rule by itself.')
+
+    def _matching(self, keys: Sequence[KeyPath], what: str) -> list[tuple[KeyPath, Any]]:
+        found = [(k, m) for k in keys if (m := self._re.fullmatch(k))]
+        if not found:
+            raise UnmatchedKeyError(
+                f'{self!r} matches none of the {len(keys)} {what} keys.'
+                f'{did_you_mean(self.pattern, keys)}'
+            )
+        return found
+
+
+def origin(key: KeyPath, entry: Entry) -> str:
+    """Where a key's value comes from, for messages."""
+    if not entry.via:
+        return f'checkpoint key {key!r}'
+    return f'{entry.expr.describe()!r} (made {key!r} by {entry.via[-1]!r})'

@@ -1,0 +1,22 @@
+"""Opening the source a path names: an Orbax item, or Hugging Face safetensors."""
+
+from __future__ import annotations
+
+from etils import epath
+
+from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
+from orbax_surgery.sources.source import ArraySource
+
+
+def open_source(path: epath.PathLike | ArraySource) -> ArraySource:
+    """The source at `path`: an Orbax PyTree item, or Hugging Face safetensors.
+
+    A source object passes through unchanged.
+    """
+    if not isinstance(path, str | epath.PathLike):
+        return path
+    from orbax_surgery.sources.safetensors import SafetensorsCheckpoint, is_safetensors
+
+    if is_safetensors(path):
+        return SafetensorsCheckpoint(path)
+    return OrbaxCheckpoint(path)
