@@ -50,6 +50,7 @@ from orbax_surgery.read.restore import plan_restore, restore
 from orbax_surgery.rules.layers import Stack, Unstack
 from orbax_surgery.rules.moves import Copy, Drop, Fallback, Rename
 from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
+from orbax_surgery.rules.scopes import Unsuffixed
 from orbax_surgery.rules.values import Cast, Combine, MapValue, Reshape, Slice, Transpose
 from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
 from orbax_surgery.sources.safetensors import SafetensorsCheckpoint
@@ -104,6 +105,7 @@ __all__ = [
     'UnfinalizedCheckpointError',
     'Unstack',
     'UnmatchedKeyError',
+    'Unsuffixed',
     'UnusedKeyError',
     'apply_rules',
     'from_pytorch',

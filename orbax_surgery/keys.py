@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -62,6 +63,34 @@ def flatten(
             )
         flat[key] = leaf
     return flat, treedef
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Skeleton:
+    """A tree's containers without its leaves, to rebuild it from some of its leaves.
+
+    Lists stay lists, tuples tuples, and dataclasses, NamedTuples and other
+    registered nodes themselves: what a value function gets as "the original
+    tree", whichever of its leaves were read.
+
+    Example:
+        >>> skeleton = Skeleton.of({'x': 1, 'y': (2, 3)})
+        >>> skeleton.build({'y/1': 30}, missing=lambda key: None)
+        {'x': None, 'y': (None, 30)}
+    """
+
+    treedef: Any
+    keys: tuple[KeyPath, ...]
+
+    @classmethod
+    def of(cls, tree: PyTree) -> Skeleton:
+        flat, treedef = flatten(tree)
+        return cls(treedef, tuple(flat))
+
+    def build(self, values: Mapping[KeyPath, Any], missing: Callable[[KeyPath], Any]) -> PyTree:
+        """The tree with `values` at their keys and `missing(key)` at the others."""
+        leaves = [values[k] if k in values else missing(k) for k in self.keys]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
 def unflatten(treedef: Any, flat: Mapping[KeyPath, Any], keys: Iterable[KeyPath]) -> PyTree:

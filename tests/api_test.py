@@ -57,6 +57,7 @@ def test_public_api_is_pinned():
         'UnfinalizedCheckpointError',
         'Unstack',
         'UnmatchedKeyError',
+        'Unsuffixed',
         'UnusedKeyError',
         'apply_rules',
         'from_pytorch',

@@ -349,7 +349,14 @@ def _check_layers(layers: Any) -> None:
 class Reference:
     """Applies rule specs to whole NumPy arrays, eagerly, as the docs describe them."""
 
-    def __init__(self, values: dict[str, np.ndarray], kinds: dict[str, str], target: Any):
+    def __init__(
+        self,
+        values: dict[str, np.ndarray],
+        kinds: dict[str, str],
+        target: Any,
+        stored: Any = None,
+    ):
+        self.stored = stored  # The tree as saved: without a target, its containers come back.
         self.vals = {k: V(np.asarray(v), kinds[k], frozenset([k])) for k, v in values.items()}
         self.sources = set(values)
         self.dropped: set[str] = set()
@@ -617,6 +624,12 @@ class Reference:
         treedef = None
         if self.target is None:
             nested = nest(dict.fromkeys(self.vals, ...))
+            if (
+                self.stored is not None
+                and self.vals
+                and set(flat_keys(self.stored)) == set(self.vals)
+            ):
+                nested = jax.tree.map(lambda _: ..., self.stored)
             leaves = read_target(nested)
             treedef = jax.tree_util.tree_structure(nested)
         else:

@@ -113,7 +113,7 @@ def build(specs: list[fz.Spec]) -> list[Any] | fz.RefError:
 
 def expect(case: fz.Case, values, kinds) -> tuple[Any, dict] | fz.RefError:
     try:
-        ref = fz.Reference(values, kinds, case.target)
+        ref = fz.Reference(values, kinds, case.target, stored=case.tree)
         for spec in case.specs:
             ref.apply(spec)
         return ref.result()

@@ -21,7 +21,7 @@ import numpy as np
 
 from orbax_surgery.arrays import regions
 from orbax_surgery.arrays.regions import Region, Shape
-from orbax_surgery.keys import KeyPath
+from orbax_surgery.keys import KeyPath, Skeleton
 
 Kind = Literal['jax.Array', 'np.ndarray', 'scalar']
 """How a value comes back from a plain Orbax restore, named as Orbax names it."""
@@ -100,6 +100,10 @@ class Source(Expr):
     stored_kind: Kind = 'jax.Array'
     byte_ranges: bool = False
     """Stored uncompressed and byte-addressable (safetensors): a region costs its bytes."""
+    skeleton: Skeleton | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The containers of the tree it was stored in, where the source knows them."""
+    key_impl: str | None = None
+    """For the key data of typed PRNG keys: their implementation ('threefry2x32')."""
 
     @property
     def kind(self) -> Kind:

@@ -92,13 +92,56 @@ class Apply(Expr):
         return f'{self.label}({list_str(self.parts)})'
 
 
-def as_input(block: np.ndarray, kind: Kind) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Received(Expr):
+    """An input of a value function, handed over as a NumPy array or a placed jax.Array.
+
+    Orbax's `RestoreArgs` of a `multi_value_fn` input say this (`restore_type`,
+    `sharding`); the values are its input's, region by region.
+    """
+
+    base: Expr
+    as_kind: Kind
+    sharding: jax.sharding.Sharding | None = None
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return self.base.shape
+
+    @property
+    def dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.base.dtype
+
+    @property
+    def kind(self) -> Kind:
+        return self.as_kind
+
+    @property
+    def children(self):
+        return (self.base,)
+
+    def child_regions(self, region):
+        yield self.base, region
+
+    async def evaluate(self, region, ctx):
+        return await self.base.evaluate(region, ctx)
+
+    def eager(self, values):
+        return self.base.eager(values)
+
+    def describe(self):
+        return self.base.describe()
+
+
+def as_input(block: np.ndarray, kind: Kind, sharding: jax.sharding.Sharding | None = None) -> Any:
     """What a value function receives: the type a plain Orbax restore returns.
 
     A saved `jax.Array` arrives as a `jax.Array` on this host's CPU device (the
     function runs on the host, never on an accelerator); a saved NumPy array as
     a NumPy array, keeping 64-bit dtypes; a saved scalar as a Python scalar.
     """
+    if kind == 'jax.Array' and sharding is not None:
+        return jax.make_array_from_callback(block.shape, sharding, lambda index: block[index])
     if kind == 'jax.Array':
         return jax.device_put(block, jax.local_devices(backend='cpu')[0])
     if kind == 'scalar' and block.ndim == 0:
@@ -118,7 +161,10 @@ def call(
         RuleError: the function raised (its exception is the `__cause__`).
         ShapeMismatchError, DtypeMismatchError: it returned another shape or dtype.
     """
-    inputs = [as_input(b, p.kind) for b, p in zip(blocks, node.parts, strict=True)]
+    inputs = [
+        as_input(b, p.kind, p.sharding if isinstance(p, Received) else None)
+        for b, p in zip(blocks, node.parts, strict=True)
+    ]
     try:
         result = np.asarray(fn(*inputs))
     except SurgeryError as e:

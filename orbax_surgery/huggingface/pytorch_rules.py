@@ -228,6 +228,7 @@ class ModuleLists:
         if self.to_flax:
             pattern = re.compile(rf'(?:^|(?<=/))({self.names})/(\d+)(?=/|$)')
             repl = r'\1_\2'
+            self._check_target_keeps_no_lists(pattern, tree, target)
         else:
             pattern = re.compile(rf'(?:^|(?<=/))({self.names})_(\d+)(?=/|$)')
             repl = r'\1/\2'
@@ -235,6 +236,22 @@ class ModuleLists:
         for key, entry in tree.items():
             out[pattern.sub(repl, key)] = entry
         return out
+
+    def _check_target_keeps_no_lists(self, lists: re.Pattern[str], tree: Tree, target: Target):
+        """A target with `layers/0/...` keys (Hugging Face's own Flax models) wants lists kept."""
+        kept = [k for k in target if lists.search(k)]
+        flax_names = re.compile(rf'(?:^|(?<=/))({self.names})_(\d+)(?=/|$)')
+        if (
+            kept
+            and any(lists.search(k) for k in tree)
+            and not any(flax_names.search(k) for k in target)
+        ):
+            raise RuleError(
+                f'{self!r} turns module lists such as {next(k for k in tree if lists.search(k))!r} '
+                f'into Flax names (layers_0/...), but the target keeps them as lists, e.g. '
+                f"{kept[0]!r}, as Hugging Face's own Flax models do. Pass layers=None to "
+                'from_pytorch (or leave out ModuleLists).'
+            )
 
 
 def from_pytorch(

@@ -15,7 +15,7 @@ from orbax_surgery.lora.adapter import canonical, canonical_shapes
 from orbax_surgery.lora.layout import LoraLayout
 from orbax_surgery.lora.restore_plan import MODES, Mode, Prepared, plan_adapters, restore_planned
 from orbax_surgery.lora.spec import LoraSpec
-from orbax_surgery.orbax.item_handler import PyTreeItemHandler
+from orbax_surgery.orbax.item_handler import PyTreeItemHandler, args_repr
 from orbax_surgery.plan.plan import Plan
 from orbax_surgery.plan.resolve import Rules, checked_rules
 from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES, check_budget
@@ -122,6 +122,9 @@ class LoraSave(ocp.args.CheckpointArgs):
     trainable: dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False)
     spec_json: dict[str, Any] | None = dataclasses.field(init=False, repr=False, compare=False)
 
+    def __repr__(self):
+        return args_repr(self)
+
     def __post_init__(self):
         self.spec_json = self.lora.to_json() if isinstance(self.lora, LoraSpec) else None
         if isinstance(self.lora, LoraSpec):
@@ -198,6 +201,9 @@ class LoraRestore(ocp.args.CheckpointArgs):
     base_rules: Rules = ()
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     verify: bool = False
+
+    def __repr__(self):
+        return args_repr(self)
 
     def __post_init__(self):
         if self.mode not in MODES:

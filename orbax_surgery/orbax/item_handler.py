@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -56,7 +58,7 @@ class PyTreeItemHandler(ocp.AsyncCheckpointHandler):
         return commits + list(await self._impl.async_save(directory, args=pytree) or [])
 
     def metadata(self, directory: epath.Path) -> Any:
-        """The checkpoint's own tree metadata (a plan shows the restored tree's)."""
+        """The stored tree, as Orbax's; `plan_restore(...).metadata()` gives it after surgery."""
         return self._impl.metadata(directory)
 
     def finalize(self, directory: epath.Path) -> None:
@@ -71,3 +73,49 @@ def reject_positional(item: Any, args_name: str) -> None:
         raise SurgeryError(
             f'{type(item).__name__} was passed positionally; pass it as args={args_name}(...).'
         )
+
+
+def args_repr(args: Any) -> str:
+    """A `CheckpointArgs` dataclass in one short line: trees by leaf count, rules by name.
+
+    Orbax puts args in its own error messages; a tree of arrays there would be
+    printed whole.
+
+    Example:
+        >>> import numpy as np
+        >>> from orbax_surgery import Rename, SurgeryRestore
+        >>> SurgeryRestore(target={'w': np.zeros((512, 512))}, rules=[Rename('a', 'b')])
+        SurgeryRestore(target=<1 leaf>, rules=[Rename(pattern='a', replacement='b')])
+    """
+    parts = []
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if not field.init or not field.repr or _is_default(field, value):
+            continue
+        parts.append(f'{field.name}={_short(field.name, value)}')
+    return f'{type(args).__name__}({", ".join(parts)})'
+
+
+def _is_default(field: dataclasses.Field, value: Any) -> bool:
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    try:
+        return bool(value == default) and type(value) is type(default)
+    except Exception:  # An array compared with a default: not the default.
+        return False
+
+
+def _short(name: str, value: Any) -> str:
+    if name == 'rules' and isinstance(value, tuple):
+        shown = ', '.join(map(repr, value[:3]))
+        return f'[{shown}{f", ... ({len(value)} rules)" if len(value) > 3 else ""}]'
+    if isinstance(value, str | int | float | bool) or value is None:
+        return repr(value)
+    if callable(getattr(type(value), 'read', None)):  # A source: its own short repr.
+        return repr(value)
+    leaves = jax.tree.leaves(value)
+    return f'<{len(leaves)} {"leaf" if len(leaves) == 1 else "leaves"}>'

@@ -17,7 +17,8 @@ from etils import epath
 
 from orbax_surgery.errors import SurgeryError
 from orbax_surgery.keys import PyTree
-from orbax_surgery.orbax.item_handler import PyTreeItemHandler, reject_positional
+from orbax_surgery.orbax import manager_items
+from orbax_surgery.orbax.item_handler import PyTreeItemHandler, args_repr, reject_positional
 from orbax_surgery.plan.resolve import checked_rules, resolve
 from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES, check_budget, materialize
 from orbax_surgery.read.verify import verified
@@ -179,6 +180,9 @@ class SurgerySave(ocp.args.CheckpointArgs):
         init=False, default=None, repr=False, compare=False
     )
 
+    def __repr__(self):
+        return args_repr(self)
+
     def __post_init__(self):
         self.rules = checked_rules(self.rules)
         check_budget(self.max_inflight_bytes)
@@ -236,6 +240,13 @@ class SurgeryRestore(ocp.args.CheckpointArgs):
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     verify: bool = False
 
+    def __repr__(self):
+        return args_repr(self)
+
     def __post_init__(self):
         self.rules = checked_rules(self.rules)
         check_budget(self.max_inflight_bytes)
+
+
+# Part of registering with Orbax: an item a manager saved with Orbax's args also takes ours.
+manager_items.allow()

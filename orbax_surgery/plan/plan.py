@@ -15,7 +15,7 @@ import jax
 
 from orbax_surgery.arrays import expr as ex
 from orbax_surgery.errors import SurgeryError
-from orbax_surgery.keys import KeyPath, summarize
+from orbax_surgery.keys import KeyPath, PyTree, summarize, unflatten
 from orbax_surgery.plan.reads import Reads, estimate
 from orbax_surgery.rules.rule import Rule
 from orbax_surgery.rules.target import TargetLeaf
@@ -139,6 +139,28 @@ class Plan:
     def source_bytes(self) -> int:
         return sum(s.nbytes for s in self.sources.values())
 
+    def metadata(self) -> PyTree:
+        """The restored tree before any data is read: `jax.ShapeDtypeStruct` leaves, shardings set.
+
+        Orbax's `item_metadata`/`metadata()` take no args, so through Orbax a
+        handler can only show the stored tree; this is the tree after surgery.
+
+        Raises:
+            SurgeryError: the first error of the plan, if it has any.
+
+        Example:
+            >>> import jax, numpy as np
+            >>> import orbax_surgery as osurg
+            >>> src = {'embed': jax.ShapeDtypeStruct((8, 4), np.float32)}
+            >>> plan = osurg.resolve(src, None, [osurg.Copy('embed', 'lm_head'),
+            ...                                  osurg.Transpose('lm_head', (1, 0))])
+            >>> {k: v.shape for k, v in plan.metadata().items()}
+            {'embed': (8, 4), 'lm_head': (4, 8)}
+        """
+        self.check()
+        leaves = {s.key: _abstract(s.target) for s in self.steps}
+        return unflatten(self.treedef, leaves, self.target_keys)
+
     def __str__(self) -> str:
         return format_plan(self)
 
@@ -250,3 +272,13 @@ def _reads_line(plan: Plan) -> list[str]:
         most = max(r.chunked for r in plan.reads.values())
         line += f'; the most any process reads: {format_bytes(most)}'
     return [line]
+
+
+def _abstract(leaf: TargetLeaf) -> jax.ShapeDtypeStruct:
+    assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
+    spec = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if leaf.key_impl is None:
+        return spec
+    impl = leaf.key_impl
+    keys = jax.eval_shape(lambda data: jax.random.wrap_key_data(data, impl=impl), spec)
+    return jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=leaf.sharding)

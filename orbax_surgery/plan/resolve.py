@@ -28,10 +28,11 @@ from orbax_surgery.keys import KeyPath, PyTree, close_matches, common_pattern, n
 from orbax_surgery.plan.plan import Plan, Step
 from orbax_surgery.rules.moves import Fallback
 from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
-from orbax_surgery.rules.rule import Entry, Rule
+from orbax_surgery.rules.rule import Entry, Rule, stored_skeleton
 from orbax_surgery.rules.target import TargetLeaf, read_target
 
-Rules = Sequence[Rule] | Mapping[str, Any]
+Rules = Sequence[Rule] | Mapping[str, Any] | Rule
+"""Rules in order, one rule, or an Orbax `Transform` tree."""
 
 
 def resolve(
@@ -67,7 +68,7 @@ def resolve(
         leaves, treedef = read_target(target)
     errors: list[SurgeryError] = []
     dropped: dict[KeyPath, Rule] = {}
-    for rule in normalize_rules(rules):
+    for rule in checked_rules(rules):
         before = _refs(e.expr for e in tree.values())
         try:
             tree = rule.apply(tree, leaves)
@@ -76,8 +77,10 @@ def resolve(
             continue
         for key in sorted(before - _refs(e.expr for e in tree.values())):
             dropped.setdefault(key, rule)
-    if target is None:
-        leaves, treedef = read_target(nest(dict.fromkeys(tree, ...)))
+    if target is None:  # In the stored containers where they are known, else nested dicts.
+        skeleton = stored_skeleton(tree)
+        inferred = skeleton.build({}, lambda _: ...) if skeleton else nest(dict.fromkeys(tree, ...))
+        leaves, treedef = read_target(inferred)
     steps = []
     missing = []
     for key, leaf in leaves.items():
@@ -108,9 +111,16 @@ def resolve(
 
 
 def normalize_rules(rules: Rules) -> tuple[Rule, ...]:
-    """A tuple of rules; a bare Orbax `Transform` tree becomes `OrbaxTransforms`."""
+    """A tuple of rules: one rule alone, or a bare Orbax `Transform` tree, is a rule list."""
     if isinstance(rules, Mapping):
         return (OrbaxTransforms(rules),)
+    if callable(getattr(rules, 'apply', None)):
+        return (rules,)  # type: ignore[return-value]
+    if isinstance(rules, str | bytes) or not isinstance(rules, Iterable):
+        raise RuleError(
+            f'rules is a {type(rules).__name__}, not a rule or a list of rules, e.g. '
+            "[Rename('old/(.*)', r'new/\\1')], or an Orbax transforms dict."
+        )
     return tuple(rules)
 
 
@@ -126,7 +136,10 @@ def _refs(exprs: Iterable[ex.Expr]) -> set[KeyPath]:
 
 def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
     if leaf.inferred:
-        leaf = dataclasses.replace(leaf, shape=value.shape, dtype=value.dtype, kind=value.kind)
+        key_impl = value.key_impl if isinstance(value, ex.Source) else None
+        leaf = dataclasses.replace(
+            leaf, shape=value.shape, dtype=value.dtype, kind=value.kind, key_impl=key_impl
+        )
         _check_jax_dtype(leaf, value)
         return leaf
     assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
@@ -219,8 +232,8 @@ def _unused_error(unused: Sequence[tuple[KeyPath, KeyPath]]) -> UnusedKeyError:
     )
 
 
-def checked_rules(rules: Sequence[Rule] | Mapping[str, Any]) -> tuple[Rule, ...]:
-    """The rules as a tuple (an Orbax Transform tree wrapped), each checked to be a rule."""
+def checked_rules(rules: Rules) -> tuple[Rule, ...]:
+    """The rules as a tuple (one rule or an Orbax Transform tree wrapped), each checked."""
     checked = normalize_rules(rules)
     for i, rule in enumerate(checked):
         if not callable(getattr(rule, 'apply', None)):

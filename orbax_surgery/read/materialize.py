@@ -210,7 +210,10 @@ class _LeafJob:
         assert leaf.shape is not None
         if _placed_whole(step):
             assert isinstance(step.expr, ex.Constant)
-            return jax.device_put(step.expr.value, self.sharding)
+            array = jax.device_put(step.expr.value, self.sharding)
+            if leaf.key_impl is not None:
+                return jax.random.wrap_key_data(array, impl=leaf.key_impl)
+            return array
         if leaf.kind != 'jax.Array':
             (block,) = placed
             if leaf.kind == 'np.ndarray':
@@ -218,7 +221,10 @@ class _LeafJob:
             value = block.item()
             return type(leaf.value)(value) if leaf.has_value else value
         shards = [a for group in placed for a in group]
-        return jax.make_array_from_single_device_arrays(leaf.shape, self.sharding, shards)
+        array = jax.make_array_from_single_device_arrays(leaf.shape, self.sharding, shards)
+        if leaf.key_impl is not None:  # Key data back into typed PRNG keys, as Orbax does.
+            return jax.random.wrap_key_data(array, impl=leaf.key_impl)
+        return array
 
 
 def placed_sharding(step: Step) -> jax.sharding.Sharding:

@@ -19,14 +19,16 @@ def predict_or_explain(
     fn: Callable[..., Any],
     *parts: ex.Expr,
     fix: str = 'Pass out=jax.ShapeDtypeStruct(shape, dtype).',
+    name: str | None = None,
 ) -> jax.ShapeDtypeStruct:
     """The output a function will give on `parts`, or a RuleError saying why not."""
     try:
         return predict(fn, *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in parts))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        inputs = ', '.join(signature(p) for p in parts)
         raise RuleError(
-            f'cannot tell what {fn_name(fn)} returns for {", ".join(signature(p) for p in parts)} '
+            f'cannot tell what {name or fn_name(fn)} returns for {inputs} '
             f'without running it ({type(e).__name__}: {reason}). {fix}'
         ) from e
 

@@ -30,7 +30,9 @@ from orbax_surgery.rules.arguments import parse_int, parse_ints
 from orbax_surgery.rules.rule import Entry, PatternRule, Target, Tree, origin
 
 LAYER = '{i}'
-"""Where `Unstack` writes the layer number in its replacement."""
+"""Where `Unstack` writes the layer number in its replacement (or `{i+1}`, `{i:02d}`, ...)."""
+_LAYER = re.compile(r'\{i(?P<offset>[+-]\d+)?(?::(?P<spec>0?\d*d))?\}')
+"""`{i}`, with an offset (`{i+1}`, numbering from 1) and a format (`{i:02d}`, `{i+1:03d}`)."""
 MAX_LAYERS = 2**16
 """Most keys one `Unstack` makes from one array: each layer is a key, held in memory."""
 
@@ -82,12 +84,12 @@ class Unstack(_Layers):
 
     def __post_init__(self):
         super().__post_init__()
-        if LAYER not in self.replacement:
+        if not _LAYER.search(self.replacement):
             raise RuleError(
                 f'{self!r}: the replacement needs {LAYER} where the layer number goes, '
-                f'e.g. {self.replacement.rstrip("/") + "_" + LAYER!r}.'
+                f'e.g. {self.replacement.rstrip("/") + "_" + LAYER!r} (or {{i+1}}, {{i:02d}}).'
             )
-        check_template(self._re.compiled, self.replacement.replace(LAYER, '0'), repr(self))
+        check_template(self._re.compiled, _LAYER.sub('0', self.replacement), repr(self))
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         found = self._matching(list(tree), 'checkpoint')
@@ -98,12 +100,12 @@ class Unstack(_Layers):
                 axis, chosen = self._chosen(value)
             except SurgeryError as e:
                 raise type(e)(f'{self!r} on {key!r} {value.shape} {value.dtype}: {e}') from e
-            family = m.expand(self.replacement)
+            family = m.expand(self.replacement)  # Leaves {i...} as it is.
             self._check_target(family, key, value, len(chosen), target)
             for i, layer in enumerate(chosen):
                 index = (slice(None),) * axis + (layer,)
                 entry = tree[key].then(self, ops.Index.of(value, index))
-                self._put(out, family.replace(LAYER, str(i)), entry, key)
+                self._put(out, _number(family, i), entry, key)
         return out
 
     def _chosen(self, value: ex.Expr) -> tuple[int, tuple[int, ...]]:
@@ -132,8 +134,8 @@ class Unstack(_Layers):
         self, family: str, key: KeyPath, value: ex.Expr, made: int, target: Target
     ) -> None:
         """A target with a different layer count is an error naming both counts."""
-        slot = re.compile(re.escape(family).replace(re.escape(LAYER), r'(\d+)'))
-        wanted = sorted({int(m[1]) for k in target if (m := slot.fullmatch(k))})
+        slot = _numbered_regex(family)
+        wanted = sorted({_layer_of(family, m) for k in target if (m := slot.fullmatch(k))})
         if wanted and wanted != list(range(made)):
             how = (
                 'Pass layers=[...] to choose which stacked layers to take.'
@@ -165,18 +167,36 @@ class Stack(_Layers):
     """
 
     _names: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
+    _offset: int = dataclasses.field(init=False, default=0, repr=False, compare=False)
+
+    def _regex(self) -> str:
+        """The pattern with its first layer template as the group `i`, later ones equal to it."""
+        if not isinstance(self.pattern, str):
+            return self.pattern
+        found = list(_LAYER.finditer(self.pattern))
+        if not found:
+            return self.pattern
+        start = found[0].start()
+        return _LAYER.sub(
+            lambda m: r'(?P<i>\d+)' if m.start() == start else r'(?P=i)', self.pattern
+        )
 
     def __post_init__(self):
         super().__post_init__()
         names = self._re
-        if LAYER in self.pattern:
-            numbered = self.pattern.replace(LAYER, r'(?P<i>\d+)')
-            object.__setattr__(self, '_re', KeyPattern(numbered, repr(self)))
-            names = KeyPattern(self.pattern.replace(LAYER, r'\d+'), repr(self))
+        found = list(_LAYER.finditer(self.pattern))
+        if found:
+            if len({f[0] for f in found}) > 1:
+                raise RuleError(
+                    f'{self!r}: the pattern numbers layers in two ways: '
+                    f'{", ".join(sorted({f[0] for f in found}))}.'
+                )
+            object.__setattr__(self, '_offset', int(found[0]['offset'] or 0))
+            names = KeyPattern(_LAYER.sub(lambda _: r'\d+', self.pattern), repr(self))
         elif 'i' not in self._re.groupindex:
             raise RuleError(
                 f'{self!r}: the pattern needs {LAYER} (or a named group (?P<i>\\d+)) where '
-                r"the layer number is, e.g. 'layers_{i}/(.*)'."
+                r"the layer number is, e.g. 'layers_{i}/(.*)' or 'layers.{i+1:02d}/(.*)'."
             )
         object.__setattr__(self, '_names', names)
         check_template(names.compiled, self.replacement, repr(self))
@@ -189,12 +209,18 @@ class Stack(_Layers):
             named = self._names.fullmatch(key)
             assert named is not None, (self._names.pattern, key)
             layer = families[named.expand(self.replacement)]
-            if int(m['i']) in layer:
-                raise AmbiguousRuleError(
-                    f'{self!r} finds layer {int(m["i"])} of the same stack twice: '
-                    f'{layer[int(m["i"])]!r} and {key!r}.'
+            number = int(m['i']) - self._offset
+            if number < 0:
+                raise RuleError(
+                    f'{self!r}: {key!r} is numbered {m["i"]}, which the pattern makes layer '
+                    f'{number}; is the offset right?'
                 )
-            layer[int(m['i'])] = key
+            if number in layer:
+                raise AmbiguousRuleError(
+                    f'{self!r} finds layer {number} of the same stack twice: '
+                    f'{layer[number]!r} and {key!r}.'
+                )
+            layer[number] = key
         counts = {family: self._order(family, layers) for family, layers in families.items()}
         _check_same_counts(self, counts)
         out = {k: e for k, e in tree.items() if not self._re.fullmatch(k)}
@@ -267,3 +293,25 @@ def _numbers(ns: Sequence[int]) -> str:
         return f'{ns[0]}..{ns[-1]}'
     shown = ', '.join(map(str, ns[:8]))
     return shown + (f', ... ({len(ns)})' if len(ns) > 8 else '')
+
+
+def _number(family: str, i: int) -> str:
+    """The key of layer `i` of `family`: each template written with its offset and format."""
+
+    def write(m: re.Match[str]) -> str:
+        return format(i + int(m['offset'] or 0), m['spec'] or 'd')
+
+    return _LAYER.sub(write, family)
+
+
+def _numbered_regex(family: str) -> re.Pattern[str]:
+    """Matches the keys `_number(family, i)` writes, capturing the number written."""
+    texts = [re.escape(text) for text in _LAYER.split(family)[::3]]  # Between the templates.
+    return re.compile(texts[0] + ''.join(r'(\d+)' + text for text in texts[1:]))
+
+
+def _layer_of(family: str, m: re.Match[str]) -> int:
+    """The layer `i` whose number `_numbered_regex(family)` matched."""
+    found = _LAYER.search(family)
+    assert found is not None, family
+    return int(m[1]) - int(found['offset'] or 0)

@@ -18,8 +18,13 @@ import orbax.checkpoint as ocp
 
 from orbax_surgery.arrays import expr as ex
 from orbax_surgery.arrays import ops
-from orbax_surgery.arrays.value_functions import Apply
-from orbax_surgery.errors import AmbiguousRuleError, RuleError, UnmatchedKeyError
+from orbax_surgery.arrays.value_functions import Apply, Received
+from orbax_surgery.errors import (
+    AmbiguousRuleError,
+    RuleError,
+    ShapeMismatchError,
+    UnmatchedKeyError,
+)
 from orbax_surgery.keys import (
     KeyPath,
     KeyPattern,
@@ -30,7 +35,7 @@ from orbax_surgery.keys import (
     nest,
 )
 from orbax_surgery.rules.arguments import fn_name, predict_or_explain
-from orbax_surgery.rules.rule import Entry, Target, Tree
+from orbax_surgery.rules.rule import Entry, Target, Tree, stored_skeleton
 from orbax_surgery.rules.target import TargetLeaf
 
 
@@ -128,31 +133,32 @@ class OrbaxTransforms:
         if t.value_fn is None:
             return source.then(self)
         fn = t.value_fn
-        out = _output(fn, leaf, key, source.expr)
-        node = Apply(lambda xs: fn(xs[0]), (source.expr,), out.shape, out.dtype, fn_name(fn))
+        out, compute = _output(lambda xs: fn(xs[0]), fn_name(fn), leaf, key, source.expr)
+        node = Apply(compute, (source.expr,), out.shape, out.dtype, fn_name(fn))
         return source.then(self, node)
 
     def _multi_value(self, key: KeyPath, leaf: TargetLeaf, t: ocp.Transform, tree: Tree) -> Entry:
         fn = t.multi_value_fn
         extra = (_restore_args(leaf),) if isinstance(t, ocp.RestoreTransform) else ()
+        build = _original_tree(tree)
 
         def call(names: list[KeyPath]) -> Callable[[list[Any]], Any]:
-            return lambda values: fn(key, _as_tree(dict(zip(names, values, strict=True))), *extra)
+            return lambda values: fn(key, build(dict(zip(names, values, strict=True))), *extra)
 
         declared = getattr(t, 'multi_value_fn_input_args', None)
+        traced = None
         if declared:
-            inputs = [KeyPattern(p, f'Transform at {key!r}: input') for p in declared]
-            names = [k for k in tree if any(p.fullmatch(k) for p in inputs)]
-            traced = None
+            inputs = _declared_inputs(key, declared, tree)
+            names, parts = list(inputs), tuple(inputs.values())
         else:
             traced = _trace(call, tree)
             names = traced[0] if traced else list(tree)
-        parts = tuple(tree[n].expr for n in names)
+            parts = tuple(tree[n].expr for n in names)
         if traced:
-            out = traced[1]
+            out, compute = traced[1], call(names)
         else:
-            out = _output(lambda *xs: call(names)(list(xs)), leaf, key, *parts)
-        node = Apply(call(names), parts, out.shape, out.dtype, fn_name(fn))
+            out, compute = _output(call(names), fn_name(fn), leaf, key, *parts)
+        node = Apply(compute, parts, out.shape, out.dtype, fn_name(fn))
         return Entry(node, (self,))
 
     def _target_value(self, leaf: TargetLeaf) -> Entry:
@@ -172,22 +178,40 @@ class OrbaxTransforms:
 
 
 def _output(
-    fn: Callable[..., Any], leaf: TargetLeaf, key: KeyPath, *parts: ex.Expr
-) -> jax.ShapeDtypeStruct:
-    """A value function's output, by tracing, else the target leaf's shape."""
+    compute: Callable[[list[Any]], Any],
+    name: str,
+    leaf: TargetLeaf,
+    key: KeyPath,
+    *parts: ex.Expr,
+) -> tuple[jax.ShapeDtypeStruct, Callable[[list[Any]], Any]]:
+    """A value function's output, by tracing, else the target leaf's shape and dtype.
+
+    Where the output comes from the target, the result is cast to the target's
+    dtype (Orbax returns it as computed, then restores it as the target asks).
+    """
     try:
-        return predict_or_explain(fn, *parts, fix='Give that target leaf a jax.ShapeDtypeStruct.')
+        fix = 'Give that target leaf a jax.ShapeDtypeStruct.'
+        spec = predict_or_explain(lambda *xs: compute(list(xs)), *parts, fix=fix, name=name)
+        return spec, compute
     except RuleError as e:
-        if leaf.shape is not None and leaf.dtype is not None:
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-        raise RuleError(f'For target {key!r}: {e}') from e
+        if leaf.shape is None or leaf.dtype is None:
+            raise RuleError(f'For target {key!r}: {e}') from e
+        dtype = leaf.dtype
+        return jax.ShapeDtypeStruct(leaf.shape, dtype), lambda xs: _astype(compute(xs), dtype)
+
+
+def _astype(value: Any, dtype: np.dtype) -> Any:
+    return value.astype(dtype) if hasattr(value, 'astype') else np.asarray(value, dtype)
 
 
 def _trace(
     call: Callable[[list[KeyPath]], Callable[[list[Any]], Any]], tree: Tree
 ) -> tuple[list[KeyPath], jax.ShapeDtypeStruct] | None:
-    """Finds which leaves a multi_value_fn uses, and its output, from its jaxpr."""
-    names = list(tree)
+    """Finds which leaves a multi_value_fn uses, and its output, from its jaxpr.
+
+    Strings cannot be traced: they stay placeholders, and are not read.
+    """
+    names = [n for n in tree if tree[n].expr.dtype != object]
     specs = [jax.ShapeDtypeStruct(tree[n].expr.shape, tree[n].expr.dtype) for n in names]
     wide = any(s.dtype.itemsize == 8 for s in specs)
     try:
@@ -202,6 +226,92 @@ def _trace(
     deps = [n for n, v in zip(names, jaxpr.invars, strict=True) if id(v) in used]
     aval = closed.out_avals[0]
     return deps, jax.ShapeDtypeStruct(tuple(aval.shape), np.dtype(aval.dtype))
+
+
+def _original_tree(tree: Tree) -> Callable[[Mapping[KeyPath, Any]], Any]:
+    """Builds "the original tree" a multi_value_fn gets, from the leaves it reads.
+
+    The tree has every key of `tree`, in the containers it was stored in where
+    the source knows them (lists stay lists, dataclasses and NamedTuples stay
+    themselves), else nested dicts with '0', '1', ... keys as lists. A leaf the
+    function does not read is a `jax.ShapeDtypeStruct` of it (Orbax passes its
+    metadata there).
+    """
+
+    def unread(key: KeyPath) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tree[key].expr.shape, tree[key].expr.dtype)
+
+    skeleton = stored_skeleton(tree)
+    if skeleton is not None:
+        return lambda values: skeleton.build(values, unread)
+    keys = list(tree)
+    return lambda values: _as_tree({k: values[k] if k in values else unread(k) for k in keys})
+
+
+def _declared_inputs(
+    key: KeyPath, declared: Mapping[str, Any], tree: Tree
+) -> dict[KeyPath, ex.Expr]:
+    """The inputs `multi_value_fn_input_args` names, each as its RestoreArgs restore it.
+
+    As Orbax reads them: `global_shape` truncates or zero-pads (with
+    `strict=False`), `dtype` casts, `restore_type` and `sharding` say what the
+    function receives. Truncation reads only what is kept.
+    """
+    patterns = [
+        (KeyPattern(p, f'Transform at {key!r}: input'), args) for p, args in declared.items()
+    ]
+    inputs = {}
+    for name, entry in tree.items():
+        args = next((a for p, a in patterns if p.fullmatch(name)), None)
+        if args is not None:
+            inputs[name] = _as_restored(key, name, entry.expr, args)
+    if not inputs:
+        raise UnmatchedKeyError(
+            f'Transform at {key!r}: multi_value_fn_input_args {list(declared)} match none of '
+            f'the {len(tree)} checkpoint keys.{did_you_mean(next(iter(declared), ""), tree)}'
+        )
+    return inputs
+
+
+def _as_restored(key: KeyPath, name: KeyPath, value: ex.Expr, args: Any) -> ex.Expr:
+    shape = getattr(args, 'global_shape', None) or getattr(args, 'shape', None)
+    if shape is not None and tuple(shape) != value.shape:
+        if getattr(args, 'strict', True) or len(shape) != len(value.shape):
+            how = (
+                'Pass strict=False to truncate or zero-pad it, as Orbax does.'
+                if len(shape) == len(value.shape)
+                else 'Orbax truncates or pads, but never reshapes.'
+            )
+            raise ShapeMismatchError(
+                f'Transform at {key!r}: input {name!r} is stored as {value.shape}, but its '
+                f'RestoreArgs ask for global_shape {tuple(shape)}. {how}'
+            )
+        value = _truncated_or_padded(value, tuple(shape))
+    dtype = getattr(args, 'dtype', None)
+    if dtype is not None and np.dtype(dtype) != value.dtype:
+        value = ops.Cast(value, np.dtype(dtype))
+    sharding = getattr(args, 'sharding', None)
+    mesh, axes = getattr(args, 'mesh', None), getattr(args, 'mesh_axes', None)
+    if sharding is None and mesh is not None and axes is not None:
+        sharding = jax.sharding.NamedSharding(mesh, axes)
+    restore_type = getattr(args, 'restore_type', None)
+    if restore_type is np.ndarray:
+        return Received(value, 'np.ndarray')
+    if restore_type is jax.Array or sharding is not None:
+        return Received(value, 'jax.Array', sharding)
+    return value
+
+
+def _truncated_or_padded(value: ex.Expr, shape: tuple[int, ...]) -> ex.Expr:
+    """The first `shape` elements along each axis, zeros where the stored array ends."""
+    kept = tuple(slice(0, min(n, m)) for n, m in zip(shape, value.shape, strict=True))
+    value = ops.Index.of(value, kept)
+    for axis, n in enumerate(shape):
+        if n > value.shape[axis]:
+            pad = value.shape[:axis] + (n - value.shape[axis],) + value.shape[axis + 1 :]
+            zeros = ex.Constant(np.broadcast_to(np.zeros((), value.dtype), pad), label='zeros')
+            value = ops.Concat((value, zeros), axis)
+    return value
 
 
 def _as_tree(flat: Mapping[KeyPath, Any]) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from orbax_surgery.arrays import expr as ex
 from orbax_surgery.errors import UnmatchedKeyError
-from orbax_surgery.keys import KeyPath, KeyPattern, did_you_mean
+from orbax_surgery.keys import KeyPath, KeyPattern, Skeleton, did_you_mean
 from orbax_surgery.rules.target import TargetLeaf
 
 
@@ -33,6 +33,24 @@ Tree = Mapping[KeyPath, Entry]
 Target = Mapping[KeyPath, TargetLeaf]
 
 
+def stored_skeleton(tree: Tree) -> Skeleton | None:
+    """The containers the tree's arrays were stored in, while it has the stored keys.
+
+    Lists stay lists, dataclasses and NamedTuples themselves: where the source
+    knows them (an Orbax item, an in-memory tree) and no rule renamed a key.
+    """
+    found = {
+        id(s.skeleton): s.skeleton
+        for entry in tree.values()
+        for s in entry.expr.sources()
+        if s.skeleton is not None
+    }
+    if len(found) != 1:
+        return None
+    (skeleton,) = found.values()
+    return skeleton if set(skeleton.keys) == set(tree) else None
+
+
 class Rule(Protocol):
     """Anything with `apply(tree, target) -> tree`; see the classes below."""
 
@@ -47,7 +65,11 @@ class PatternRule:
     _re: KeyPattern = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, '_re', KeyPattern(self.pattern, repr(self)))
+        object.__setattr__(self, '_re', KeyPattern(self._regex(), repr(self)))
+
+    def _regex(self) -> str:
+        """The regex keys are matched with: `pattern`, unless a rule reads it otherwise."""
+        return self.pattern
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         raise NotImplementedError(f'{type(self).__name__} is not a rule by itself.')

@@ -7,8 +7,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from orbax_surgery.arrays.expr import Kind
+from orbax_surgery.arrays.prng_keys import is_key_array, key_impl_name
 from orbax_surgery.arrays.regions import Shape
 from orbax_surgery.errors import ShapeMismatchError, SurgeryError
 from orbax_surgery.keys import KeyPath, PyTree, flatten
@@ -27,6 +29,9 @@ class TargetLeaf:
         sharding: Where a `jax.Array` goes; None means the first local device.
         kind: What to return ('jax.Array', 'np.ndarray', 'scalar'), None to infer.
         value: The concrete value given in the target, used only by fallbacks.
+        key_impl: For typed PRNG keys, the key implementation ('threefry2x32'): the
+            leaf is then its key data (`shape` and `dtype` those of
+            `jax.random.key_data`, as Orbax stores keys), wrapped back when restored.
     """
 
     key: KeyPath
@@ -35,6 +40,7 @@ class TargetLeaf:
     sharding: jax.sharding.Sharding | None = None
     kind: Kind | None = None
     value: Any = dataclasses.field(default=_NO_VALUE, compare=False, repr=False)
+    key_impl: str | None = None
 
     @property
     def has_value(self) -> bool:
@@ -49,8 +55,10 @@ def read_target(tree: PyTree) -> tuple[dict[KeyPath, TargetLeaf], Any]:
     """Flattens a target tree into `TargetLeaf`s and its treedef.
 
     Leaves may be `jax.ShapeDtypeStruct`s (with or without sharding), `jax.Array`s,
-    NumPy arrays, Python or NumPy scalars (their values serve as fallbacks), or
-    `...` to take shape and dtype from the rules, as `apply_transformations` does.
+    NumPy arrays, Python or NumPy scalars and strings (their values serve as
+    fallbacks), the leaves of Orbax's `item_metadata`, or `...` (Orbax's
+    `PLACEHOLDER`) or `object()` to take shape and dtype from the rules, as
+    `apply_transformations` does.
 
     Example:
         >>> import jax, numpy as np
@@ -79,16 +87,19 @@ def _check_sharding(leaf: TargetLeaf) -> None:
 
 
 def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
-    if x is Ellipsis:
+    if x is Ellipsis or type(x) is object:  # `...` (Orbax's PLACEHOLDER) or object(): any.
         return TargetLeaf(key)
-    if isinstance(x, jax.ShapeDtypeStruct | jax.Array) and jax.dtypes.issubdtype(
-        x.dtype, jax.dtypes.prng_key
-    ):
-        raise SurgeryError(
-            f'Target leaf {key!r} is a PRNG key array ({x.dtype}); surgery does not restore '
-            'typed keys yet. Leave it out of the target (restore only nnx.Param state) and '
-            'Drop it from the checkpoint, or restore it with plain Orbax.'
-        )
+    if isinstance(x, str):
+        return TargetLeaf(key, (), np.dtype(object), None, 'scalar', x)
+    if isinstance(x, ocp.metadata.StringMetadata):
+        return TargetLeaf(key, (), np.dtype(object), None, 'scalar')
+    if isinstance(x, ocp.metadata.ScalarMetadata):
+        return TargetLeaf(key, (), np.dtype(x.dtype), None, 'scalar')
+    if isinstance(x, ocp.metadata.ArrayMetadata):  # A leaf of `item_metadata(step)`.
+        kind: Kind = 'np.ndarray' if x.sharding is None else 'jax.Array'
+        return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), None, kind)
+    if is_key_array(x):
+        return _key_leaf(key, x)
     if isinstance(x, jax.ShapeDtypeStruct):
         return TargetLeaf(key, tuple(x.shape), np.dtype(x.dtype), x.sharding, 'jax.Array')
     if isinstance(x, jax.Array):
@@ -101,5 +112,15 @@ def _leaf(key: KeyPath, x: Any) -> TargetLeaf:
         return TargetLeaf(key, (), np.asarray(x).dtype, None, 'scalar', x)
     raise SurgeryError(
         f'Target leaf {key!r} is a {type(x).__name__}; use a jax.ShapeDtypeStruct, an array, '
-        'a scalar, or ... to take its shape and dtype from the rules.'
+        'a scalar, a string, or ... to take its shape and dtype from the rules.'
     )
+
+
+def _key_leaf(key: KeyPath, x: Any) -> TargetLeaf:
+    """A typed key array restores from its key data, as Orbax stores it (uint32)."""
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    value = jax.random.key_data(x) if isinstance(x, jax.Array) else _NO_VALUE
+    sharding = getattr(x, 'sharding', None)
+    impl = key_impl_name(x.dtype)
+    shape, dtype = tuple(data.shape), np.dtype(data.dtype)
+    return TargetLeaf(key, shape, dtype, sharding, 'jax.Array', value, key_impl=impl)

@@ -18,9 +18,10 @@ from orbax_surgery.arrays import regions
 from orbax_surgery.arrays.expr import Kind, Source
 from orbax_surgery.arrays.regions import Region
 from orbax_surgery.errors import SourceReadError, SurgeryError
-from orbax_surgery.keys import KeyPath, flatten
+from orbax_surgery.keys import KeyPath, Skeleton, flatten
 from orbax_surgery.sources.orbax_files import (
     checked_directory,
+    key_impls,
     ocdbt_location,
     orbax_metadata,
     read_tree_file,
@@ -68,14 +69,16 @@ class OrbaxCheckpoint:
         self._open_now(list(self._names))
         metadata = orbax_metadata(self.directory)
         self.custom_metadata: dict[str, Any] = dict(metadata.custom_metadata or {})
-        flat, _ = flatten(metadata.tree)
+        flat, treedef = flatten(metadata.tree)
+        skeleton = Skeleton(treedef, tuple(flat))  # Lists as lists, as Orbax restores them.
+        impls = key_impls(self.directory)
         self._strings: dict[str, Any] | None = None
         self.arrays: dict[KeyPath, Source] = {}
         for key, meta in flat.items():
             if self._names.get(key) != meta.name:
                 self._stores.pop(key, None)  # Named otherwise than assumed: opened on use.
             self._names[key] = meta.name
-            self.arrays[key] = _source(key, meta)
+            self.arrays[key] = _source(key, meta, skeleton, impls.get(meta.name))
 
     def __repr__(self):
         return f'OrbaxCheckpoint({str(self.directory)!r}, {len(self.arrays)} arrays)'
@@ -205,9 +208,9 @@ def _awaited(future: ts.Future) -> asyncio.Future:
     return out
 
 
-def _source(key: KeyPath, meta: Any) -> Source:
+def _source(key: KeyPath, meta: Any, skeleton: Skeleton, key_impl: str | None) -> Source:
     if isinstance(meta, ocp.metadata.StringMetadata):
-        return Source(key, (), np.dtype(object), None, 'scalar')
+        return Source(key, (), np.dtype(object), None, 'scalar', skeleton=skeleton)
     if not isinstance(meta, ocp.metadata.ArrayMetadata):
         raise SurgeryError(
             f'Checkpoint key {key!r} holds a {type(meta).__name__}; surgery restores arrays, '
@@ -220,4 +223,5 @@ def _source(key: KeyPath, meta: Any) -> Source:
         kind = 'np.ndarray' if meta.sharding is None else 'jax.Array'
     storage = getattr(meta, 'storage', None)
     chunks = tuple(storage.chunk_shape) if storage and storage.chunk_shape else None
-    return Source(key, tuple(meta.shape), np.dtype(meta.dtype), chunks, kind)
+    shape, dtype = tuple(meta.shape), np.dtype(meta.dtype)
+    return Source(key, shape, dtype, chunks, kind, skeleton=skeleton, key_impl=key_impl)

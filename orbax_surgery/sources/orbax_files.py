@@ -86,6 +86,26 @@ def stored_names(tree: Mapping[str, Any]) -> dict[KeyPath, str]:
     return out
 
 
+def key_impls(directory: epath.Path) -> dict[str, str]:
+    """The PRNG key implementation of each array Orbax stored as typed keys, by stored name.
+
+    Orbax records it in `array_metadatas/process_<i>` (newer writers only); a
+    file that is missing or unreadable just means no typed keys are known.
+    """
+    out: dict[str, str] = {}
+    for path in sorted((directory / 'array_metadatas').glob('process_*')):
+        try:
+            entries = json.loads(path.read_text()).get('array_metadatas', [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        for entry in entries if isinstance(entries, list) else []:
+            meta = entry.get('array_metadata', {}) if isinstance(entry, dict) else {}
+            impl = (meta.get('ext_metadata') or {}).get('random_key_impl')
+            if isinstance(impl, str) and isinstance(meta.get('param_name'), str):
+                out[meta['param_name']] = impl
+    return out
+
+
 def orbax_metadata(directory: epath.Path) -> Any:
     """Orbax's metadata of the item (its arrays are known to open), or an error naming the file."""
     sharding = directory / '_sharding'

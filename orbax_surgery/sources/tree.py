@@ -11,9 +11,10 @@ import numpy as np
 
 from orbax_surgery.arrays import regions
 from orbax_surgery.arrays.expr import Kind, Source
+from orbax_surgery.arrays.prng_keys import is_key_array, key_impl_name
 from orbax_surgery.arrays.regions import Region
 from orbax_surgery.errors import SourceReadError
-from orbax_surgery.keys import KeyPath, PyTree, flatten
+from orbax_surgery.keys import KeyPath, PyTree, Skeleton, flatten
 from orbax_surgery.sources.source import key_region
 
 
@@ -32,9 +33,18 @@ class TreeSource:
     """
 
     def __init__(self, tree: PyTree):
-        flat, _ = flatten(tree)
-        self.values = {k: v for k, v in flat.items() if v is not None}
-        self.arrays = {k: _source_of_value(k, v) for k, v in self.values.items()}
+        flat, treedef = flatten(tree)
+        skeleton = Skeleton(treedef, tuple(flat))
+        self.values: dict[KeyPath, Any] = {}
+        self.arrays: dict[KeyPath, Source] = {}
+        for key, value in flat.items():
+            if value is None:
+                continue
+            impl = None
+            if is_key_array(value):  # Typed PRNG keys are read as their key data.
+                impl, value = key_impl_name(value.dtype), jax.random.key_data(value)
+            self.values[key] = value
+            self.arrays[key] = _source_of_value(key, value, skeleton, impl)
         self.bytes_read: collections.Counter[KeyPath] = collections.Counter()
 
     async def open(self, keys: Collection[KeyPath]) -> None:
@@ -44,6 +54,8 @@ class TreeSource:
         value = self.values[source.key]
         if isinstance(value, jax.Array):
             block = _from_shards(source, value, region)
+        elif isinstance(value, str):
+            block = np.asarray(value, dtype=object)
         else:
             block = np.asarray(regions.take(np.asarray(value), region))
         self.bytes_read[source.key] += block.nbytes
@@ -86,7 +98,7 @@ def _shard_part(data: jax.Array, region: Region) -> np.ndarray:
     return np.asarray(data[tuple(regions.to_slice(r) for r in region)])
 
 
-def _source_of_value(key: KeyPath, value: Any) -> Source:
+def _source_of_value(key: KeyPath, value: Any, skeleton: Skeleton, key_impl: str | None) -> Source:
     kind: Kind
     if isinstance(value, jax.Array):
         kind = 'jax.Array'
@@ -94,5 +106,8 @@ def _source_of_value(key: KeyPath, value: Any) -> Source:
         kind = 'np.ndarray'
     else:
         kind = 'scalar'
+    if isinstance(value, str):  # As Orbax's string leaves: one object each.
+        return Source(key, (), np.dtype(object), None, 'scalar', skeleton=skeleton)
     array = value if hasattr(value, 'dtype') else np.asarray(value)
-    return Source(key, tuple(np.shape(array)), np.dtype(array.dtype), None, kind)
+    shape, dtype = tuple(np.shape(array)), np.dtype(array.dtype)
+    return Source(key, shape, dtype, None, kind, skeleton=skeleton, key_impl=key_impl)

@@ -400,3 +400,15 @@ def test_module_lists_back_only_for_named_lists():
         osurg.apply_rules(flax, None, [osurg.ModuleLists(to_flax=False, names='layers')])
     )
     assert list(out) == ['layers.0.Dense_0.kernel']
+
+
+def test_a_target_keeping_module_lists_asks_for_layers_none():
+    # Hugging Face's own Flax models keep `model/layers/0/...`.
+    ckpt = {'model': {'layers': {'0': {'q_proj': {'weight': np.ones((4, 2))}}}}}
+    target = {'model': {'layers': {'0': {'q_proj': {'kernel': ...}}}}}
+    plan = osurg.resolve(osurg.TreeSource(ckpt).arrays, target, osurg.from_pytorch())
+    assert len(plan.errors) == 1
+    assert 'the target keeps them as lists' in str(plan.errors[0])
+    assert 'Pass layers=None to from_pytorch' in str(plan.errors[0])
+    out = osurg.apply_rules(ckpt, target, osurg.from_pytorch(layers=None))
+    assert out['model']['layers']['0']['q_proj']['kernel'].shape == (2, 4)

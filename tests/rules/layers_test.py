@@ -274,3 +274,37 @@ def test_unstacking_an_axis_of_absurd_length_is_an_error_not_an_oom():
     assert 'more than the 65536 layers Unstack makes keys for' in str(plan.errors[0])
     plan = osurg.resolve(source, None, [osurg.Unstack('a', 'u_{i}', layers=[3, 2**40 - 1])])
     assert [s.key for s in plan.steps] == ['u_0', 'u_1'] and not plan.errors
+
+
+@pytest.mark.parametrize(
+    'template, names',
+    [
+        ('layers_{i}', ['layers_0', 'layers_1', 'layers_2']),
+        ('layers.{i+1}', ['layers.1', 'layers.2', 'layers.3']),
+        ('layers.{i:02d}', ['layers.00', 'layers.01', 'layers.02']),
+        ('h{i+1:03d}', ['h001', 'h002', 'h003']),
+    ],
+    ids=['plain', 'offset', 'format', 'both'],
+)
+def test_layer_numbers_take_an_offset_and_a_format_both_ways(template, names):
+    scanned = {'stack': {'w': np.arange(6).reshape(3, 2)}}
+    unrolled = osurg.apply_rules(scanned, None, [osurg.Unstack(r'stack/(.*)', template + r'/\1')])
+    assert sorted(unrolled) == names
+    np.testing.assert_array_equal(unrolled[names[2]]['w'], [4, 5])
+    back = osurg.apply_rules(unrolled, None, [osurg.Stack(template + r'/(.*)', r'stack/\1')])
+    np.testing.assert_array_equal(back['stack']['w'], scanned['stack']['w'])
+
+
+def test_a_target_numbered_from_one_counts_its_layers():
+    scanned = {'stack': {'w': np.zeros((3, 2))}}
+    target = {'layers.1': {'w': ...}, 'layers.2': {'w': ...}}
+    with pytest.raises(osurg.ShapeMismatchError, match=r'makes 3 layers .* but the target has 2'):
+        osurg.apply_rules(scanned, target, [osurg.Unstack(r'stack/(.*)', r'layers.{i+1}/\1')])
+
+
+def test_a_stack_numbered_below_its_offset_is_an_error():
+    unrolled = {'l0': {'w': np.zeros(1)}, 'l1': {'w': np.zeros(1)}}
+    with pytest.raises(
+        osurg.RuleError, match=r"'l0/w' is numbered 0, which the pattern makes layer -1"
+    ):
+        osurg.apply_rules(unrolled, None, [osurg.Stack(r'l{i+1}/(.*)', r'L/\1')])
