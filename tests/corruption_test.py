@@ -296,9 +296,9 @@ def test_permission_denied_is_a_source_read_error(pristine, tmp_path, monkeypatc
         def refuse(*args, **kwargs):
             raise denied
 
-        from orbax_surgery.sources import safetensors
+        from orbax_surgery.sources.file_reads import LocalFile
 
-        monkeypatch.setattr(safetensors, 'open', refuse, raising=False)
+        monkeypatch.setattr(LocalFile, '_fileno', refuse)
     with pytest.raises(osurg.SourceReadError, match='Permission denied') as info:
         osurg.restore(item, {'w': ..., 'b': ...})
     assert str(item) in str(info.value)

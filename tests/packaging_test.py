@@ -13,7 +13,8 @@ ROOT = Path(__file__).parents[1]
 
 def declared() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
-    requirements = [*project['dependencies'], *project['optional-dependencies']['test']]
+    extras = project['optional-dependencies'].values()
+    requirements = [*project['dependencies'], *(r for extra in extras for r in extra)]
     return {canonicalize_name(r.name): r for r in map(Requirement, requirements)}
 
 

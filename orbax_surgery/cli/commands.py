@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.cli.listing import describe, format_description, item_path
 from orbax_surgery.cli.python_rules import load_target
 from orbax_surgery.cli.rules_file import RulesFile, load_rules_file
@@ -46,8 +47,9 @@ def use_cpu() -> None:
 
 def inspect_command(args: argparse.Namespace) -> int:
     use_cpu()
-    _check_not_mid_replace(os.path.abspath(args.path))
-    description = describe(os.path.abspath(args.path), step=args.step)
+    path = locations.absolute(args.path)
+    _check_not_mid_replace(path)
+    description = describe(path, step=args.step)
     print(json.dumps(description, indent=2) if args.json else format_description(description))
     return 0
 
@@ -65,8 +67,8 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
     target = rules_file.target
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
-    _check_not_mid_replace(os.path.abspath(args.src))
-    src = item_path(os.path.abspath(args.src), step=args.step, item=args.item)
+    _check_not_mid_replace(locations.absolute(args.src))
+    src = item_path(locations.absolute(args.src), step=args.step, item=args.item)
     opened = open_source(src)
     if getattr(args, 'verify', False):
         opened = verified(opened)
@@ -75,23 +77,23 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    dst = epath.Path(os.path.abspath(args.dst))
-    src = os.path.abspath(args.src)
+    src, location = locations.absolute(args.src), locations.absolute(args.dst)
+    if location == src or location.startswith(src.rstrip('/') + '/'):
+        raise DestinationExistsError(
+            f'{location} is the source or inside it; write somewhere else.'
+        )
+    if locations.is_url(location):
+        return _convert_to_url(args, location)
+    dst = epath.Path(location)
     if os.path.lexists(dst) and not args.overwrite:
         raise DestinationExistsError(
             f'{dst} exists; convert leaves it untouched. Choose another destination, or pass '
             '--overwrite to replace it once the new one is complete.'
         )
-    if dst == epath.Path(src) or str(dst).startswith(src.rstrip('/') + '/'):
-        raise DestinationExistsError(f'{dst} is the source or inside it; write somewhere else.')
     use_cpu()
     budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     plan, source, target, rules = _planned(args)
-    if plan.errors:
-        print(f'orbax-surgery convert: the plan has {len(plan.errors)} error(s):', file=sys.stderr)
-        for i, e in enumerate(plan.errors, 1):
-            print(f'  {i}. {type(e).__name__}: {e}', file=sys.stderr)
-        print('Nothing was written. `orbax-surgery plan` shows the whole plan.', file=sys.stderr)
+    if _has_errors(plan):
         return 1
     if target is None:  # What the rules give, spelled out: the writers need a target.
         target = nest(dict.fromkeys(plan.target_keys, ...))
@@ -129,6 +131,71 @@ def convert_command(args: argparse.Namespace) -> int:
         print(
             f'Wrote {dst} ({"Orbax checkpoint" if args.to == "orbax" else "safetensors"}): '
             f'{len(plan.steps)} arrays, {format_bytes(total)} in {secs:.1f} s.'
+        )
+    return 0
+
+
+def _has_errors(plan: Plan) -> bool:
+    """Prints a plan's errors for `convert`, which then writes nothing."""
+    if not plan.errors:
+        return False
+    print(f'orbax-surgery convert: the plan has {len(plan.errors)} error(s):', file=sys.stderr)
+    for i, e in enumerate(plan.errors, 1):
+        print(f'  {i}. {type(e).__name__}: {e}', file=sys.stderr)
+    print('Nothing was written. `orbax-surgery plan` shows the whole plan.', file=sys.stderr)
+    return True
+
+
+def _convert_to_url(args: argparse.Namespace, location: str) -> int:
+    """Converts into object storage, finalized there as Orbax and the export finalize.
+
+    No rename exists there: Orbax writes its commit file last, the export its
+    index (or its one file) last; what an interrupted convert leaves is never
+    read as a checkpoint, and the next convert to `location` replaces it.
+    """
+    shown = locations.shown(location)
+    if not locations.is_cloud(location):
+        raise DestinationExistsError(f'{shown} is on an HTTP server, which is read-only here.')
+    dst = epath.Path(location)
+    if args.to == 'orbax' and dst.exists():
+        if not args.overwrite and (dst / 'commit_success.txt').exists():
+            raise DestinationExistsError(
+                f'{shown} exists; convert leaves it untouched. Choose another destination, '
+                'or pass --overwrite to replace it (in object storage the old one goes first).'
+            )
+        if not args.quiet:
+            print(f'Removing {shown} first, to write it anew.', file=sys.stderr)
+        dst.rmtree()
+    use_cpu()
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
+    plan, source, target, rules = _planned(args)
+    if _has_errors(plan):
+        return 1
+    if target is None:  # What the rules give, spelled out: the writers need a target.
+        target = nest(dict.fromkeys(plan.target_keys, ...))
+    start = time.monotonic()
+    total = sum(_nbytes(step) for step in plan.steps)
+    with _progress(total, args.quiet) as advance:
+        if args.to == 'orbax':
+            _write_orbax(dst, source, target, rules, budget, advance, args.checksums)
+        else:
+            save_safetensors(
+                source,
+                location,
+                target=target,
+                rules=rules,
+                max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                max_inflight_bytes=budget,
+                progress=advance,
+                checksums=args.checksums,
+                overwrite=args.overwrite,
+            )
+    if not args.quiet:
+        secs = time.monotonic() - start
+        kind = 'Orbax checkpoint' if args.to == 'orbax' else 'safetensors'
+        print(
+            f'Wrote {shown} ({kind}): {len(plan.steps)} arrays, {format_bytes(total)} in '
+            f'{secs:.1f} s.'
         )
     return 0
 
@@ -195,6 +262,8 @@ def _nbytes(step: Step) -> int:
 
 def _check_not_mid_replace(path: str) -> None:
     """A missing `path` that a killed `convert --overwrite` moved aside: say where it is."""
+    if locations.is_url(path):
+        return  # Object storage has no renames, so no such leftovers.
     old = replaced_siblings(epath.Path(path), _REPLACED)
     if old and not os.path.lexists(path):
         raise CheckpointNotFoundError(

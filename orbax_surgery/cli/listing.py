@@ -15,6 +15,7 @@ from typing import Any
 
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.arrays.expr import Source
 from orbax_surgery.errors import CheckpointNotFoundError
 from orbax_surgery.keys import SEP, did_you_mean
@@ -44,6 +45,9 @@ def describe(path: epath.PathLike, *, step: int | None = None) -> dict[str, Any]
     """
     from orbax_surgery.sources.safetensors import is_safetensors
 
+    if _is_http(path):  # A web server lists nothing: it serves safetensors or nothing.
+        _no_choice(path, step=step, item=None)
+        return _safetensors(path)
     path = epath.Path(path)
     if (path / _PEFT_CONFIG).exists():
         _no_choice(path, step=step, item=None)
@@ -78,6 +82,9 @@ def item_path(path: epath.PathLike, *, step: int | None = None, item: str | None
     """
     from orbax_surgery.sources.safetensors import is_safetensors
 
+    if _is_http(path):
+        _no_choice(path, step=step, item=item)
+        return str(path)
     p = epath.Path(path)
     if is_safetensors(p) or (p / '_METADATA').exists() or not p.is_dir():
         _no_choice(p, step=step, item=item)
@@ -244,7 +251,7 @@ def _safetensors(path: epath.Path) -> dict[str, Any]:
     arrays = [_array(s, name=key_to_name(s.key)) for s in ckpt.arrays.values()]
     return {
         'kind': 'safetensors',
-        'path': str(path),
+        'path': locations.shown(ckpt.location),
         'files': sorted(ckpt.metadata),
         'metadata': ckpt.metadata,
         'arrays': arrays,
@@ -286,11 +293,22 @@ def _steps(root: epath.Path) -> tuple[list[int], list[str]]:
     for p in root.iterdir():
         if not p.is_dir():
             continue
-        if p.name.isdigit() and _items(p):
+        if p.name.isdigit() and _items(p) and _committed(p):
             steps.append(int(p.name))
+        elif p.name.isdigit() and _items(p):
+            unfinalized.append(p.name)  # In object storage: no commit file yet.
         elif _TMP_MARK in p.name and p.name.split('.')[0].isdigit():
             unfinalized.append(p.name)
     return sorted(steps), sorted(unfinalized)
+
+
+def _committed(step: epath.Path) -> bool:
+    """Finalized: always on a local disk; in object storage once Orbax wrote its commit file."""
+    return not locations.is_cloud(str(step)) or (step / 'commit_success.txt').exists()
+
+
+def _is_http(path: Any) -> bool:
+    return locations.is_url(path) and not locations.is_cloud(path)
 
 
 def _chosen_step(

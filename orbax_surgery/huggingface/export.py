@@ -23,21 +23,24 @@ from typing import Any
 import jax
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.errors import DestinationExistsError, SurgeryError
 from orbax_surgery.huggingface.export_blocks import my_blocks, write_blocks
 from orbax_surgery.huggingface.export_checksums import record_safetensors
 from orbax_surgery.huggingface.export_files import (
+    Layout,
     create_files,
     file_metadata,
     plan_files,
     write_index,
 )
+from orbax_surgery.huggingface.export_remote import copy_configs, export_to_object_storage
 from orbax_surgery.keys import PyTree
 from orbax_surgery.plan.plan import Step
 from orbax_surgery.plan.resolve import Rules, resolve
 from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES, run_sync
 from orbax_surgery.sources.open import open_source
-from orbax_surgery.sources.safetensors import INDEX_FILE
+from orbax_surgery.sources.safetensors import INDEX_FILE, SafetensorsCheckpoint
 from orbax_surgery.sources.source import ArraySource
 from orbax_surgery.sources.tree import TreeSource
 from orbax_surgery.units import parse_bytes
@@ -144,17 +147,34 @@ def save_safetensors(
         >>> osurg.restore(out.directory, verify=True)['dense']['kernel'].shape
         (2, 3)
     """
-    directory = epath.Path(directory)
-    if '://' in str(directory):
+    location = locations.absolute(directory)
+    if locations.is_url(location) and not locations.is_cloud(location):
         raise SurgeryError(
-            f'Cannot export to {directory}: the export writes its files in place, on a local '
-            'or mounted filesystem. Export to a local directory, then copy it.'
+            f'Cannot export to {locations.shown(location)}: HTTP servers are read-only here. '
+            'Export to a local directory, gs:// or s3://.'
         )
     src = _as_source(source)
     plan = resolve(src.arrays, target, rules)
     plan.check()
     steps = [_with_natural_sharding(step, src) for step in plan.steps]
     layout = plan_files(steps, _parse_size(max_shard_size), file_metadata(metadata))
+    configs = src.directory if isinstance(src, SafetensorsCheckpoint) else None
+    if locations.is_cloud(location):
+        barrier = Barrier.start('orbax_surgery.export', timeout_secs=peer_timeout_secs)
+        written = export_to_object_storage(
+            src,
+            layout,
+            location,
+            barrier=barrier,
+            overwrite=overwrite,
+            budget=max_inflight_bytes,
+            progress=progress,
+            checksums=checksums,
+            configs_from=configs,
+        )
+        barrier.wait('finalized', left=f'Every file was written to {locations.shown(location)}.')
+        return _exported(epath.Path(location), layout, written)
+    directory = epath.Path(location)
     mine = my_blocks(layout.tensors, src, max(1, max_inflight_bytes // 4))
     if os.path.lexists(directory) and not overwrite:
         raise DestinationExistsError(
@@ -177,6 +197,7 @@ def save_safetensors(
             record_safetensors(paths, process=barrier.process, count=barrier.count).write_now(tmp)
             barrier.wait('hashed', left=unfinished)
         if jax.process_index() == 0:
+            copy_configs(configs, str(tmp))
             write_index(tmp, layout)
             move_into_place(tmp, directory)
     except BaseException:
@@ -186,6 +207,10 @@ def save_safetensors(
     if jax.process_index() != 0:
         done = f'Every byte was written; {directory} is whole if process 0 finalized it.'
     barrier.wait('finalized', left=done)
+    return _exported(directory, layout, written)
+
+
+def _exported(directory: epath.Path, layout: Layout, written: int) -> Exported:
     files = layout.names + ((INDEX_FILE,) if len(layout.names) > 1 else ())
     return Exported(directory, files, layout.total_size, written)
 

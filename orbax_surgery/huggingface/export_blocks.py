@@ -27,12 +27,19 @@ from orbax_surgery.sources.tree import TreeSource
 def my_blocks(
     tensors: Sequence[Tensor], source: ArraySource, block_bytes: int
 ) -> list[tuple[Tensor, Region]]:
-    """This process's blocks, in file order: its regions, cut to at most `block_bytes`.
+    """This process's blocks, in file order: its regions, cut to at most `block_bytes`."""
+    return assign_blocks(tensors, source, block_bytes).get(jax.process_index(), [])
+
+
+def assign_blocks(
+    tensors: Sequence[Tensor], source: ArraySource, block_bytes: int
+) -> dict[int, list[tuple[Tensor, Region]]]:
+    """Every process's blocks, in file order: regions cut to at most `block_bytes`.
 
     Every process makes the same choices: a region goes to the least loaded
     process that holds it (by the target's sharding) and can read its inputs.
     """
-    count, here = jax.process_count(), jax.process_index()
+    count = jax.process_count()
     held: dict[KeyPath, Any] = {}  # Who holds each live source array's regions.
     todo = []
     for order, tensor in enumerate(tensors):
@@ -49,16 +56,18 @@ def my_blocks(
             nbytes = regions.size_of(region) * tensor.dtype.itemsize
             todo.append((nbytes, order, tensor, region, able))
     load = [0] * count
-    mine: list[tuple[int, Tensor, Region]] = []
+    chosen: dict[int, list[tuple[int, Tensor, Region]]] = {}
     for nbytes, order, tensor, region, able in sorted(todo, key=lambda t: (-t[0], t[1])):
         owner = min(able, key=lambda p: (load[p], p))
         load[owner] += nbytes
-        if owner == here:
-            mine.extend(
-                (order, tensor, part) for part in _split(region, tensor.dtype.itemsize, block_bytes)
-            )
-    mine.sort(key=lambda t: (t[1].file, t[1].offset, [r.start for r in t[2]]))
-    return [(tensor, region) for _, tensor, region in mine]
+        chosen.setdefault(owner, []).extend(
+            (order, tensor, part) for part in split(region, tensor.dtype.itemsize, block_bytes)
+        )
+    out = {}
+    for process, blocks in chosen.items():
+        blocks.sort(key=lambda t: (t[1].file, t[1].offset, [r.start for r in t[2]]))
+        out[process] = [(tensor, region) for _, tensor, region in blocks]
+    return out
 
 
 def _regions(step: Step, count: int) -> dict[Region, set[int]]:
@@ -106,8 +115,12 @@ def _readers(
     return able
 
 
-def _split(region: Region, itemsize: int, limit: int) -> list[Region]:
-    """`region` cut along its leading axes into parts of at most `limit` bytes."""
+def split(region: Region, itemsize: int, limit: int) -> list[Region]:
+    """`region` cut along its leading axes into parts of at most `limit` bytes.
+
+    A part of a whole array is contiguous in C order, and so is its overlap
+    with any box that holds whole rows of it.
+    """
     nbytes = regions.size_of(region) * itemsize
     axis = next((a for a, r in enumerate(region) if len(r) > 1), None)
     if nbytes <= limit or axis is None:
@@ -118,7 +131,7 @@ def _split(region: Region, itemsize: int, limit: int) -> list[Region]:
     parts = [
         region[:axis] + (r[i : i + step],) + region[axis + 1 :] for i in range(0, len(r), step)
     ]
-    return [piece for part in parts for piece in _split(part, itemsize, limit)]
+    return [piece for part in parts for piece in split(part, itemsize, limit)]
 
 
 async def write_blocks(
@@ -158,7 +171,7 @@ async def write_blocks(
     try:
         # Leaving the pool waits for writes in flight, so no descriptor closes under one.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            await _run_under_budget([blocks[i] for i in usage.order()], write, cost, budget)
+            await run_under_budget([blocks[i] for i in usage.order()], write, cost, budget)
         for fd in fds.values():
             os.fsync(fd)
     finally:
@@ -167,7 +180,7 @@ async def write_blocks(
     return written
 
 
-async def _run_under_budget(
+async def run_under_budget(
     items: Iterable[tuple[Tensor, Region]],
     run: Callable[[Tensor, Region], Any],
     cost: Callable[[tuple[Tensor, Region]], int],

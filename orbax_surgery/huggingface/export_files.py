@@ -171,8 +171,16 @@ def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
 
 
 def write_index(directory: epath.Path, layout: Layout) -> None:
+    """Writes the index of a layout of several files (one file needs none)."""
     if len(layout.names) == 1:
         return
+    with open(directory / INDEX_FILE, 'w') as f:
+        f.write(index_text(layout))
+        os.fsync(f.fileno())
+
+
+def index_text(layout: Layout) -> str:
+    """The `model.safetensors.index.json` of a layout: each tensor's file, and the totals."""
     weight_map = {t.name: layout.names[t.file] for t in layout.tensors}
     index = {
         'metadata': {
@@ -181,6 +189,4 @@ def write_index(directory: epath.Path, layout: Layout) -> None:
         },
         'weight_map': dict(sorted(weight_map.items())),
     }
-    with open(directory / INDEX_FILE, 'w') as f:
-        f.write(json.dumps(index, indent=2) + '\n')
-        os.fsync(f.fileno())
+    return json.dumps(index, indent=2) + '\n'

@@ -56,16 +56,26 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
 
-    def __init__(self, *, use_ocdbt: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        *,
+        use_ocdbt: bool = True,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        read_gap_bytes: int = 0,
+    ):
         """Creates the handler.
 
         Args:
             use_ocdbt: Save in Orbax's OCDBT format (its default); restores read either.
             cache_bytes: TensorStore chunk cache shared by all arrays of one restore.
                 Off by default: a restore already reads each stored chunk once per host.
+            read_gap_bytes: In object storage, unneeded bytes between two needed chunks
+                that one ranged request may fetch to save a round trip. 0 (the default)
+                reads exactly the needed chunks; Orbax itself allows 1 MB.
         """
         super().__init__(use_ocdbt=use_ocdbt)
         self._cache_bytes = cache_bytes
+        self._read_gap_bytes = read_gap_bytes
 
     @classmethod
     def typestr(cls) -> str:
@@ -111,7 +121,9 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         if is_safetensors(directory):
             source = SafetensorsCheckpoint(directory)
         else:
-            source = OrbaxCheckpoint(directory, cache_bytes=self._cache_bytes)
+            source = OrbaxCheckpoint(
+                directory, cache_bytes=self._cache_bytes, read_gap_bytes=self._read_gap_bytes
+            )
         if args.verify:
             source = verified(source)
         plan = resolve(source.arrays, args.target, args.rules)

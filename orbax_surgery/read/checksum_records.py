@@ -88,9 +88,9 @@ class Record:
         return math.prod(-(-n // max(b, 1)) for n, b in pairs)
 
 
-def checksums_directory(source: SafetensorsCheckpoint) -> epath.Path:
+def checksums_directory(source: SafetensorsCheckpoint) -> str:
     """Where the checksums of safetensors files are: `_CHECKSUMS/` in the files' directory."""
-    return source.path if source.path.is_dir() else source.path.parent
+    return source.directory
 
 
 def read_records(directory: epath.PathLike) -> dict[KeyPath, Record]:
@@ -100,6 +100,11 @@ def read_records(directory: epath.PathLike) -> dict[KeyPath, Record]:
         SourceReadError: none were recorded, or a record is unreadable or
             contradicts another.
     """
+    if str(directory).startswith(('http://', 'https://')):
+        raise SourceReadError(
+            f'{directory} is served over HTTP, where checksum files cannot be listed; verify=True '
+            'reads local, gs:// and s3:// checkpoints.'
+        )
     directory = epath.Path(directory)
     folder = directory / CHECKSUMS_DIR
     if not folder.is_dir():

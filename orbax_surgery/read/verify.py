@@ -78,6 +78,7 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
+from orbax_surgery import locations
 from orbax_surgery.arrays import regions
 from orbax_surgery.arrays.expr import Source
 from orbax_surgery.arrays.regions import Region
@@ -93,6 +94,7 @@ from orbax_surgery.read.checksum_records import (
     read_records,
 )
 from orbax_surgery.read.session import chunk_pieces, chunk_region, local_region
+from orbax_surgery.sources.file_reads import open_file
 from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
 from orbax_surgery.sources.safetensors import INDEX_FILE, SafetensorsCheckpoint
 from orbax_surgery.sources.source import ArraySource, key_region
@@ -125,7 +127,11 @@ class Verified:
     ):
         self.source = source
         self.bytes_read = 0
-        self._where = source.path if isinstance(source, SafetensorsCheckpoint) else source.directory
+        self._where = (
+            locations.shown(source.location)
+            if isinstance(source, SafetensorsCheckpoint)
+            else source.directory
+        )
         self._records: dict[KeyPath, Record] = {}
         self.arrays: dict[KeyPath, Source] = {}
         for key, src in source.arrays.items():
@@ -230,8 +236,8 @@ def verified(source: ArraySource) -> Verified:
     if isinstance(source, Verified):
         return source
     if isinstance(source, SafetensorsCheckpoint):
-        path = source.path
-        shard = path.name.endswith('.safetensors') and (path.parent / INDEX_FILE).exists()
+        index = open_file(locations.join(source.directory, INDEX_FILE))
+        shard = source.location.endswith('.safetensors') and index.exists()
         return Verified(source, read_records(checksums_directory(source)), only_listed=shard)
     if not isinstance(source, OrbaxCheckpoint):
         raise SourceReadError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
 from orbax_surgery.sources.source import ArraySource
 
@@ -19,4 +20,6 @@ def open_source(path: epath.PathLike | ArraySource) -> ArraySource:
 
     if is_safetensors(path):
         return SafetensorsCheckpoint(path)
+    if locations.is_url(path) and not locations.is_cloud(path):
+        return SafetensorsCheckpoint(path)  # Says what the web server lacks.
     return OrbaxCheckpoint(path)

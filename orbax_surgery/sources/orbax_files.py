@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.errors import (
     CheckpointNotFoundError,
     SourceReadError,
@@ -26,6 +27,7 @@ from orbax_surgery.keys import KeyPath, did_you_mean
 
 _STORED = ('jax.Array', 'np.ndarray', 'scalar')
 _TMP_MARK = '.orbax-checkpoint-tmp'
+_COMMIT_FILE = 'commit_success.txt'
 
 
 def ts_reason(error: BaseException) -> str:
@@ -42,7 +44,7 @@ def ocdbt_location(directory: epath.Path, chunk_key: str) -> str:
     """
     wanted = chunk_key.encode()
     try:
-        kvstore = ts.KvStore.open(f'file://{directory}/').result()
+        kvstore = ts.KvStore.open(locations.kvstore(str(directory))).result()
         todo = [ts.ocdbt.dump(kvstore).result()['versions'][-1]['root']['location']]
         for _ in range(256):
             if not todo:
@@ -122,6 +124,7 @@ def orbax_metadata(directory: epath.Path) -> Any:
 
 def checked_directory(path: epath.Path) -> epath.Path:
     """The item directory, or an error saying exactly what is there instead."""
+    locations.forget_listings(str(path))
     for part in (path, *path.parents):
         if _TMP_MARK in part.name:
             raise UnfinalizedCheckpointError(
@@ -133,6 +136,12 @@ def checked_directory(path: epath.Path) -> epath.Path:
     if not path.is_dir():
         raise CheckpointNotFoundError(f'{path} is a file, not an Orbax checkpoint directory.')
     if (path / '_METADATA').exists():
+        if locations.is_cloud(str(path)) and not _committed(path):
+            raise UnfinalizedCheckpointError(
+                f'{path} has no {_COMMIT_FILE}: on object storage Orbax writes it last, so its '
+                'save was interrupted or is still running. (A finished checkpoint copied there '
+                f'by hand has none either: add an empty {_COMMIT_FILE} to it.)'
+            )
         return path
     children = sorted(p.name for p in path.iterdir() if p.is_dir())
     items = [c for c in children if (path / c / '_METADATA').exists()]
@@ -154,8 +163,16 @@ def checked_directory(path: epath.Path) -> epath.Path:
     )
 
 
+def _committed(path: epath.Path) -> bool:
+    """Orbax's commit file, in the item or in its step directory."""
+    return (path / _COMMIT_FILE).exists() or (path.parent / _COMMIT_FILE).exists()
+
+
 def _raise_missing(path: epath.Path) -> None:
-    existing = next((p for p in path.parents if p.exists()), None)
+    parents = list(path.parents)
+    if locations.is_url(str(path)):  # Not above the bucket (or host).
+        parents = parents[: max(len(str(path).split('://', 1)[1].split('/')) - 1, 0)]
+    existing = next((p for p in parents if p.exists()), None)
     hint = ''
     if existing is not None and existing.is_dir():
         names = [p.name for p in existing.iterdir()]
@@ -167,4 +184,6 @@ def _raise_missing(path: epath.Path) -> None:
                 'interrupted or is still running, and was never finalized.'
             )
         hint = did_you_mean(wanted, names)
+    if locations.is_cloud(str(path)) and existing is None:
+        hint += ' Nothing exists in that bucket at all: is its name right, and can you read it?'
     raise CheckpointNotFoundError(f'No checkpoint at {path}: it does not exist.{hint}')

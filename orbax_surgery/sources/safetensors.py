@@ -8,6 +8,10 @@ files. Reading a region reads just its bytes: one positioned read when the
 region is contiguous in the file, a few when it spans a few runs, else a
 gather through a memory map of the span it covers, unmapped right after.
 
+The files may be local or at a gs://, s3:// or http(s):// URL
+(`orbax_surgery.sources.file_reads`): remote files are read with ranged
+requests, batched, never whole unless the plan needs all of them.
+
 Keys are the tensor names with '.' turned into '/', so the same rules serve
 Orbax and Hugging Face checkpoints: `model.layers.0.mlp.up_proj.weight` is
 `model/layers/0/mlp/up_proj/weight`.
@@ -18,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import mmap
-import os
 import struct
 import weakref
 from collections.abc import Collection, Mapping
@@ -29,11 +31,13 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from orbax_surgery import locations
 from orbax_surgery.arrays import regions
 from orbax_surgery.arrays.expr import Source
-from orbax_surgery.arrays.regions import Region, Shape
+from orbax_surgery.arrays.regions import Region
 from orbax_surgery.errors import CheckpointNotFoundError, SourceReadError
 from orbax_surgery.keys import KeyPath, did_you_mean
+from orbax_surgery.sources.file_reads import ByteFile, open_file
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
@@ -55,13 +59,25 @@ DTYPES: dict[str, np.dtype] = {
     'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2),
 }
 _MAX_HEADER_BYTES = 100 * 2**20
-_FEW_RUNS = 64
 
 
 def is_safetensors(path: epath.PathLike) -> bool:
     """Whether `path` is a safetensors file, or a directory or index holding them."""
-    p = epath.Path(path)
-    named = p.name.endswith('.safetensors') or p.name.endswith('.safetensors.index.json')
+    location = locations.absolute(path)
+    named = location.endswith('.safetensors') or location.endswith('.safetensors.index.json')
+    if locations.is_url(location):
+        if named:
+            return True
+        index = locations.join(location, INDEX_FILE)
+        try:
+            return (
+                open_file(index).exists()
+                or open_file(locations.join(location, SINGLE_FILE)).exists()
+            )
+        except SourceReadError as e:  # Said of the checkpoint, not of a file it may not hold.
+            shown = locations.shown(location)
+            raise SourceReadError(str(e).replace(locations.shown(index), shown)) from e
+    p = epath.Path(location)
     if p.is_file() or (named and p.is_dir() and not (p / '_METADATA').exists()):
         return named  # A directory in place of the file is then reported as such.
     return p.is_dir() and ((p / INDEX_FILE).exists() or (p / SINGLE_FILE).exists())
@@ -72,9 +88,12 @@ class SafetensorsCheckpoint:
 
     Args:
         path: A `.safetensors` file, a `*.safetensors.index.json`, or a
-            directory holding `model.safetensors` or `model.safetensors.index.json`.
+            directory holding `model.safetensors` or `model.safetensors.index.json`;
+            a local path or a gs://, s3:// or http(s):// URL.
 
     Attributes:
+        location: Where it is, as given (a local path made absolute, or a URL).
+        directory: The directory holding its files.
         arrays: Each tensor's shape and dtype, by key ('/'-joined name).
         metadata: The `__metadata__` of each file, by file name.
         bytes_read: Bytes of tensor data read so far (headers not counted).
@@ -90,34 +109,34 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, path: epath.PathLike):
-        self.path = epath.Path(path)
+        self.location = locations.absolute(path)
         self.metadata: dict[str, dict[str, str]] = {}
         self.arrays: dict[KeyPath, Source] = {}
         self._where: dict[KeyPath, tuple[str, int]] = {}
-        self._fds: dict[str, int] = {}
-        weakref.finalize(self, _close_all, self._fds)
+        self._files: dict[str, ByteFile] = {}
+        weakref.finalize(self, _close_all, self._files)
         self.bytes_read = 0
-        files, expected = _files(self.path)
+        files, expected, self.directory = _files(self.location)
         for file in files:
             try:
-                header, data_start = _read_header(file)
-            except SourceReadError as e:
+                header, data_start = _read_header(self._file(file))
+            except (SourceReadError, CheckpointNotFoundError) as e:
                 held = [n for n, f in expected.items() if f == file]
                 if not held:
                     raise
-                raise SourceReadError(
+                raise type(e)(
                     f'{e} {INDEX_FILE} says it holds {len(held)} tensors, e.g. {held[0]!r}.'
                 ) from e
-            self.metadata[file.name] = header.pop('__metadata__', None) or {}
+            self.metadata[locations.name(file)] = header.pop('__metadata__', None) or {}
             for name, info in header.items():
-                source = _source_of(file, name, info, data_start)
+                source = _source_of(name, info)
                 if source.key in self.arrays:
                     raise SourceReadError(
                         f'Tensor {name!r} is in two files: {self._where[source.key][0]} and {file}.'
                     )
                 self.arrays[source.key] = source
                 begin = int(info['data_offsets'][0])
-                self._where[source.key] = (str(file), data_start + begin)
+                self._where[source.key] = (file, data_start + begin)
         for name, file in expected.items():
             key = name_to_key(name)
             if key not in self.arrays:
@@ -126,16 +145,18 @@ class SafetensorsCheckpoint:
                     f'{did_you_mean(key, self.arrays)}'
                 )
 
+    @property
+    def path(self) -> epath.Path:
+        """The location as an `epath.Path` (local or in object storage)."""
+        return epath.Path(self.location)
+
     def __repr__(self):
-        return f'SafetensorsCheckpoint({str(self.path)!r}, {len(self.arrays)} tensors)'
+        return (
+            f'SafetensorsCheckpoint({locations.shown(self.location)!r}, {len(self.arrays)} tensors)'
+        )
 
     async def open(self, keys: Collection[KeyPath]) -> None:
-        for key in keys:
-            file = self._where[key][0]
-            try:
-                self._fd(file)
-            except OSError as e:
-                raise SourceReadError(f'Cannot open {file}, which holds {key!r}: {e}') from e
+        return None  # Files open on their first read (a remote one holds no handle).
 
     async def read(self, source: Source, region: Region) -> np.ndarray:
         return await asyncio.to_thread(self.read_now, source, region)
@@ -145,11 +166,11 @@ class SafetensorsCheckpoint:
         file, offset = self._where[source.key]
         ascending, flips = regions.split_ascending(region)
         try:
-            block = _read_region(self._fd(file), offset, source.shape, source.dtype, ascending)
+            block = self._file(file).read_region(offset, source.shape, source.dtype, ascending)
         except (OSError, ValueError) as e:
             raise SourceReadError(
-                f'Reading {source.key!r} from {file} failed (was the file changed after it '
-                f'was opened?): {e}'
+                f'Reading {source.key!r} from {locations.shown(file)} failed (was the file '
+                f'changed after it was opened?): {e}'
             ) from e
         self.bytes_read += block.nbytes
         return np.flip(block, flips) if flips else block
@@ -162,23 +183,23 @@ class SafetensorsCheckpoint:
         strides = [itemsize * math.prod(src.shape[a + 1 :]) for a in range(len(src.shape))]
         first = offset + sum(r.start * s for r, s in zip(region, strides, strict=True))
         last = offset + sum(r[-1] * s for r, s in zip(region, strides, strict=True)) + itemsize
-        return f'{file}, bytes {first}..{last}'
+        return f'{locations.shown(file)}, bytes {first}..{last}'
 
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        return fd
+    def _file(self, location: str) -> ByteFile:
+        file = self._files.get(location)
+        if file is None:
+            file = self._files[location] = open_file(location)
+        return file
 
     def close(self) -> None:
         """Closes the files (reading again reopens them)."""
-        _close_all(self._fds)
+        _close_all(self._files)
 
 
-def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+def _close_all(files: dict[str, ByteFile]) -> None:
+    for file in files.values():
+        file.close()
+    files.clear()
 
 
 def name_to_key(name: str) -> KeyPath:
@@ -191,8 +212,11 @@ def key_to_name(key: KeyPath) -> str:
     return key.replace('/', '.')
 
 
-def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
-    """The files to open, and the tensor -> file map an index promises."""
+def _files(location: str) -> tuple[list[str], dict[str, str], str]:
+    """The files to open, the tensor -> file map an index promises, and their directory."""
+    if locations.is_url(location):
+        return _remote_files(location)
+    path = epath.Path(location)
     if not path.exists():
         near = (
             did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
@@ -208,7 +232,7 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
         if (path / INDEX_FILE).exists():
             path = path / INDEX_FILE
         elif (path / SINGLE_FILE).exists():
-            return [path / SINGLE_FILE], {}
+            return [str(path / SINGLE_FILE)], {}, str(path)
         else:
             found = sorted(p.name for p in path.iterdir() if p.name.endswith('.safetensors'))
             raise CheckpointNotFoundError(
@@ -216,139 +240,116 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, epath.Path]]:
                 + (f'; it has {found[:5]}: pass one of them.' if found else '.')
             )
     if not path.name.endswith('.index.json'):
-        return [path], {}
-    try:
-        index = json.loads(path.read_text())
-        weight_map: Mapping[str, str] = index['weight_map']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SourceReadError(f'{path} is not a safetensors index (no "weight_map"): {e}') from e
-    files = {name: path.parent / file for name, file in weight_map.items()}
-    missing = sorted({str(f) for f in files.values() if not f.exists()})
+        return [str(path)], {}, str(path.parent)
+    files = _index(str(path), path.read_text)
+    missing = sorted({f for f in files.values() if not epath.Path(f).exists()})
     if missing:
-        names = [n for n, f in files.items() if str(f) == missing[0]]
+        names = [n for n, f in files.items() if f == missing[0]]
         raise CheckpointNotFoundError(
             f'{INDEX_FILE} names {len(missing)} missing shard file(s), first {missing[0]}, '
             f'which should hold {len(names)} tensors (e.g. {names[0]!r}).'
         )
-    return sorted(set(files.values()), key=str), files
+    return sorted(set(files.values())), files, str(path.parent)
 
 
-def _read_header(file: epath.Path) -> tuple[dict[str, Any], int]:
-    if file.is_dir():
-        raise SourceReadError(f'{file} is a directory, not a safetensors file.')
+def _remote_files(location: str) -> tuple[list[str], dict[str, str], str]:
+    """As `_files`, for a URL: missing shards are found when their headers are read."""
+    index = location
+    if not location.endswith(('.safetensors', '.index.json')):
+        index = locations.join(location, INDEX_FILE)
+        if not open_file(index).exists():
+            single = locations.join(location, SINGLE_FILE)
+            if open_file(single).exists():
+                return [single], {}, location
+            raise CheckpointNotFoundError(
+                f'No safetensors checkpoint at {locations.shown(location)}: it holds neither '
+                f'{SINGLE_FILE} nor {INDEX_FILE}.'
+            )
+    if index.endswith('.safetensors'):
+        return [index], {}, locations.parent(index)
+    files = _index(index, lambda: open_file(index).read(0).decode())
+    return sorted(set(files.values())), files, locations.parent(index)
+
+
+def _index(path: str, read_text: Any) -> dict[str, str]:
+    """Tensor name -> the file holding it, from a safetensors index."""
     try:
-        size = os.path.getsize(file)
-        with open(file, 'rb') as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SourceReadError(f'{file} is truncated: {size} bytes, too short for a header.')
-            (n,) = struct.unpack('<Q', head)
-            if n > min(size - 8, _MAX_HEADER_BYTES):
-                raise SourceReadError(
-                    f'{file} says its header is {n} bytes, but the file has {size} bytes: it is '
-                    'truncated or not a safetensors file.'
-                )
-            raw = f.read(n)
+        weight_map: Mapping[str, str] = json.loads(read_text())['weight_map']
+        return {name: locations.join(locations.parent(path), f) for name, f in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SourceReadError(
+            f'{locations.shown(path)} is not a safetensors index (no "weight_map"): {e}'
+        ) from e
+
+
+def _read_header(file: ByteFile) -> tuple[dict[str, Any], int]:
+    where = locations.shown(file.location)
+    if not locations.is_url(file.location) and epath.Path(file.location).is_dir():
+        raise SourceReadError(f'{where} is a directory, not a safetensors file.')
+    try:
+        size = file.size()
+        head = file.read(0, 8) if size is None or size >= 8 else b''
+        if len(head) < 8:
+            raise SourceReadError(f'{where} is truncated: {size} bytes, too short for a header.')
+        (n,) = struct.unpack('<Q', head)
+        if n > min(_MAX_HEADER_BYTES, size - 8 if size is not None else _MAX_HEADER_BYTES):
+            raise SourceReadError(
+                f'{where} says its header is {n} bytes, but the file has {size} bytes: it is '
+                'truncated or not a safetensors file.'
+            )
+        raw = file.read(8, n)
     except OSError as e:
-        raise SourceReadError(f'Cannot read the header of {file}: {e}') from e
+        raise SourceReadError(f'Cannot read the header of {where}: {e}') from e
     try:
         header = json.loads(raw)
     except ValueError as e:
-        raise SourceReadError(f'{file} has a header that is not JSON: {e}') from e
+        raise SourceReadError(f'{where} has a header that is not JSON: {e}') from e
     if not isinstance(header, dict):
-        raise SourceReadError(f'{file} has a header that is not a JSON object.')
+        raise SourceReadError(f'{where} has a header that is not a JSON object.')
     data_start = 8 + n
-    for name, info in header.items():
-        if name == '__metadata__':
-            continue
-        _check_entry(file, name, info, size - data_start)
+    data_size = None if size is None else size - data_start
+    ends = [
+        _check_entry(where, name, info, data_size)
+        for name, info in header.items()
+        if name != '__metadata__'
+    ]
+    if size is None and ends and max(ends) > 0:
+        try:  # A remote file's size is unknown: its last data byte must be there.
+            file.read(data_start + max(ends) - 1, 1)
+        except SourceReadError as e:
+            raise SourceReadError(
+                f'{where} is truncated: its header gives data up to byte {max(ends)}. ({e})'
+            ) from e
     return header, data_start
 
 
-def _check_entry(file: epath.Path, name: str, info: Any, data_size: int) -> None:
+def _check_entry(where: str, name: str, info: Any, data_size: int | None) -> int:
+    """Checks one header entry; returns where its data ends."""
     try:
         dtype_name, shape, (begin, end) = info['dtype'], info['shape'], info['data_offsets']
     except (KeyError, TypeError, ValueError) as e:
-        raise SourceReadError(f'{file}: the header entry of {name!r} is malformed: {info!r}') from e
+        raise SourceReadError(
+            f'{where}: the header entry of {name!r} is malformed: {info!r}'
+        ) from e
     if dtype_name not in DTYPES:
         raise SourceReadError(
-            f'{file}: {name!r} has dtype {dtype_name!r}, which this reader does not know '
+            f'{where}: {name!r} has dtype {dtype_name!r}, which this reader does not know '
             f'(known: {", ".join(DTYPES)}).'
         )
     want = math.prod(shape) * DTYPES[dtype_name].itemsize
     if end - begin != want or begin < 0:
         raise SourceReadError(
-            f'{file}: the header says {name!r} is {dtype_name}{list(shape)} ({want} bytes) but '
+            f'{where}: the header says {name!r} is {dtype_name}{list(shape)} ({want} bytes) but '
             f'gives it bytes {begin}..{end} ({end - begin} bytes); the header lies.'
         )
-    if end > data_size:
+    if data_size is not None and end > data_size:
         raise SourceReadError(
-            f'{file} is truncated: {name!r} needs data bytes up to {end}, but the file holds '
+            f'{where} is truncated: {name!r} needs data bytes up to {end}, but the file holds '
             f'{data_size} after its header.'
         )
+    return int(end)
 
 
-def _source_of(file: epath.Path, name: str, info: Mapping[str, Any], data_start: int) -> Source:
-    del file, data_start
+def _source_of(name: str, info: Mapping[str, Any]) -> Source:
     shape = tuple(int(n) for n in info['shape'])
     return Source(name_to_key(name), shape, DTYPES[info['dtype']], None, 'jax.Array', True)
-
-
-def _read_region(fd: int, offset: int, shape: Shape, dtype: np.dtype, region: Region) -> np.ndarray:
-    """Reads an ascending region of a C-order array stored at `offset` in `fd`."""
-    out_shape = regions.shape_of(region)
-    out = np.empty(out_shape, dtype)
-    if out.size == 0:
-        return out
-    itemsize = dtype.itemsize
-    strides = [itemsize * math.prod(shape[a + 1 :]) for a in range(len(shape))]
-    # Axes after `inner` are whole, so each run covers `inner`'s range (if unit-step) and them.
-    inner = len(shape) - 1
-    while inner >= 0 and region[inner] == range(shape[inner]):
-        inner -= 1
-    if inner < 0:
-        _pread_into(fd, out, offset)
-        return out
-    r = region[inner]
-    if r.step == 1:
-        outer = region[:inner]
-        n_runs = math.prod(len(x) for x in outer)
-        start = offset + r.start * strides[inner]
-        if n_runs <= _FEW_RUNS:
-            flat = out.reshape(n_runs, -1)
-            for i, index in enumerate(np.ndindex(*(len(x) for x in outer))):
-                at = start + sum(x[j] * s for x, j, s in zip(outer, index, strides, strict=False))
-                _pread_into(fd, flat[i], at)
-            return out
-    return _gather(fd, offset, shape, dtype, region, strides)
-
-
-def _pread_into(fd: int, out: np.ndarray, at: int) -> None:
-    view = out.reshape(-1).view(np.uint8).data
-    got = os.preadv(fd, [view], at)
-    while got < len(view):
-        more = os.preadv(fd, [view[got:]], at + got)
-        if more == 0:
-            raise ValueError(f'the file ended {len(view) - got} bytes short at offset {at + got}')
-        got += more
-
-
-def _gather(
-    fd: int, offset: int, shape: Shape, dtype: np.dtype, region: Region, strides: list[int]
-) -> np.ndarray:
-    """Many runs: copy them out of a memory map of just the span they cover."""
-    first = offset + sum(r.start * s for r, s in zip(region, strides, strict=True))
-    last = offset + sum(r[-1] * s for r, s in zip(region, strides, strict=True)) + dtype.itemsize
-    page = mmap.ALLOCATIONGRANULARITY
-    base = first - first % page
-    with mmap.mmap(fd, last - base, access=mmap.ACCESS_READ, offset=base) as mm:
-        view = np.ndarray(
-            regions.shape_of(region),
-            dtype,
-            buffer=mm,
-            offset=first - base,
-            strides=tuple(s * r.step for s, r in zip(strides, region, strict=True)),
-        )
-        out = view.copy()
-        del view
-    return out
