@@ -190,6 +190,7 @@ def test_plan_text_json_errors_and_debug(root, tmp_path):
     assert debug.returncode != 0 and 'Traceback' in debug.stderr and 'RuleError' in debug.stderr
 
 
+@pytest.mark.slow
 def test_convert_orbax_unstacked_refuses_an_existing_destination(root, tmp_path):
     rules = write(tmp_path / 'unroll.toml', UNROLL)
     dst = tmp_path / 'unrolled'

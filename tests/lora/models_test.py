@@ -292,6 +292,7 @@ def test_linen_optimizer_on_a_joined_tree_updates_and_keeps_state_for_trainable_
         np.testing.assert_allclose(value, flatten(trainable_after)[0][key], **TOL, err_msg=key)
 
 
+@pytest.mark.slow
 def test_linen_adapters_restore_onto_the_base_in_a_fresh_process(tmp_path):
     tokens, y = toy_data(2, (BATCH, T), (BATCH, T, OUT), vocab=VOCAB)
     model = LinenModel()
@@ -421,6 +422,7 @@ def test_linen_scanned_layers_with_per_layer_adapters(tmp_path):
 # NNX: nnx.LoRALinear layers, trained with nnx.Optimizer(wrt=lora.nnx_filter).
 
 
+@pytest.mark.slow
 def test_nnx_lora_linear_restores_attached_and_merged_in_a_fresh_process(tmp_path):
     x, y = toy_data(4, (BATCH, D), (BATCH, OUT))
     model = NnxModel(nnx.Rngs(0), lora_rank=NNX_RANK)

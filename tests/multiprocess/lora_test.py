@@ -4,6 +4,7 @@ import pytest
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_merged_restore_each_process_reads_its_shards_of_w_a_and_b(launch):
     results = launch(Path(__file__).with_name('lora_worker.py'), n=2, devices=4)
     assert sorted(r['process'] for r in results) == [0, 1]
