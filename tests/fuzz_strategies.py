@@ -864,11 +864,21 @@ def basic_index(draw, ndim: int):
 
 
 @st.composite
-def rule_spec(draw, n: int, keys: dict[str, np.ndarray], kinds: list[str] | None = None):
+def rule_spec(
+    draw,
+    n: int,
+    keys: dict[str, np.ndarray],
+    kinds: list[str] | None = None,
+    family: tuple[str, np.ndarray] | None = None,
+):
+    """One rule aimed at `keys`, or at every key of `family` (its pattern and one member)."""
     names = sorted(keys)
-    pattern = draw(patterns(names))
-    key = next((k for k in names if re.escape(k) == pattern), None)
-    x = keys.get(key) if key else None
+    if family is None:
+        pattern = draw(patterns(names))
+        key = next((k for k in names if re.escape(k) == pattern), None)
+        x = keys.get(key) if key else None
+    else:
+        pattern, x = family
     ndim = x.ndim if x is not None else draw(st.integers(0, 3))
     kind = draw(
         st.sampled_from(
@@ -1009,6 +1019,66 @@ def cases(draw, tree_strategy=None, kinds: list[str] | None = None):
         spec = draw(rule_spec(n, keys, kinds))
         specs.append(spec)
         keys = _guess_keys(keys, spec)
+    return draw(_with_target(tree, specs, keys))
+
+
+PER_LAYER_KINDS = ['Rename', 'Copy', 'Drop', 'Cast', 'Transpose', 'Reshape', 'Slice', 'MapValue']
+PER_LAYER_KINDS += ['Fallback']
+
+
+@st.composite
+def stack_compositions(draw, kind: str, stack: bool):
+    """A `kind` rule on every layer of a family and then `Stack`, or `Unstack` and then it."""
+    layer = draw(arrays(max_dims=2, sizes=[1, 2, 3]))
+    count = draw(st.integers(1, 3))
+    layers = [np.roll(layer, i) for i in range(count)]
+    kw: list[tuple[str, Any]] = []
+    if draw(st.booleans()):
+        kw.append(('axis', draw(st.integers(-layer.ndim - 1, layer.ndim))))
+    if draw(st.booleans()):
+        order = draw(st.permutations(range(count)))
+        kw.append(('layers', tuple(order[: draw(st.integers(1, count))])))
+    if stack:
+        tree = {f'layers_{i}': {'w': x} for i, x in enumerate(layers)}
+        rule = draw(_per_layer(kind, r'layers_(\d+)/w', layer, [r'layers_\1/v', 'r0']))
+        stack = Spec('Stack', (r'layers_{i}/(.*)', r's/\1'), tuple(kw))
+        specs = [rule, stack]
+    else:
+        axis = dict(kw).get('axis', 0) % (layer.ndim + 1)
+        tree = {'s': {'w': np.stack(layers, axis)}}
+        unstack = Spec('Unstack', ('s/w', 'u_{i}'), tuple(kw))
+        specs = [unstack, draw(_per_layer(kind, r'u_(\d+)', layer, [r'v_\1', r'u_\1/w', 'r1']))]
+    keys = {k: np.asarray(v) for k, v in flat_keys(tree).items()}
+    for spec in specs:
+        keys = _guess_keys(keys, spec)
+    return draw(_with_target(tree, specs, keys))
+
+
+@st.composite
+def _per_layer(draw, kind: str, pattern: str, layer: np.ndarray, templates: list[str]) -> Spec:
+    """A rule on every layer, valid more often than not (names, indexes in range)."""
+    if kind in ('Rename', 'Copy') and draw(st.integers(0, 3)):
+        return Spec(kind, (pattern, draw(st.sampled_from(templates))))
+    if kind == 'Slice' and draw(st.integers(0, 3)):
+        return Spec(kind, (pattern, draw(_index_within(layer.shape))))
+    return draw(rule_spec(0, {}, [kind], family=(pattern, layer)))
+
+
+@st.composite
+def _index_within(draw, shape: tuple[int, ...]):
+    bound = st.one_of(st.none(), st.integers(-4, 4))
+    index: list[Any] = []
+    for n in shape[: draw(st.integers(0, len(shape)))]:
+        if n and draw(st.booleans()):
+            index.append(draw(st.integers(-n, n - 1)))
+        else:
+            index.append(slice(draw(bound), draw(bound), draw(st.sampled_from([None, 1, 2, -1]))))
+    return index[0] if len(index) == 1 and draw(st.booleans()) else tuple(index)
+
+
+@st.composite
+def _with_target(draw, tree: Any, specs: list[Spec], keys: dict[str, np.ndarray]) -> Case:
+    """The case with no target, a target of (most of) the expected keys, or nonsense in it."""
     how = draw(st.sampled_from(['none', 'none', 'leaves', 'leaves', 'leaves', 'nonsense']))
     if how == 'none':
         return Case(tree, specs, None)

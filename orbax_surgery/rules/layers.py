@@ -239,7 +239,9 @@ class Stack(_Layers):
             except SurgeryError as e:
                 raise type(e)(f'{self!r} making {family!r}: {e}') from e
             self._check_target(family, stacked, axis, target)
-            via = tuple(dict.fromkeys(r for k in keys for r in tree[k].via)) + (self,)
+            # By identity: a rule holding a slice (`Slice`) is unhashable before Python 3.12.
+            by_id = {id(r): r for k in keys for r in tree[k].via}
+            via = (*by_id.values(), self)
             self._put(out, family, Entry(stacked, via), keys[0])
         return out
 

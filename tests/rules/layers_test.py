@@ -308,3 +308,10 @@ def test_a_stack_numbered_below_its_offset_is_an_error():
         osurg.RuleError, match=r"'l0/w' is numbered 0, which the pattern makes layer -1"
     ):
         osurg.apply_rules(unrolled, None, [osurg.Stack(r'l{i+1}/(.*)', r'L/\1')])
+
+
+def test_slice_then_stack_stacks_the_sliced_layers():
+    tree = {'l_0': {'w': np.arange(8.0)}, 'l_1': {'w': np.arange(8.0) + 10}}
+    rules = [osurg.Slice(r'l_\d+/w', np.s_[:4]), osurg.Stack(r'l_{i}/w', 'w')]
+    out = osurg.apply_rules(tree, None, rules)
+    assert out['w'].tolist() == [[0, 1, 2, 3], [10, 11, 12, 13]]
