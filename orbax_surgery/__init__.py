@@ -47,6 +47,7 @@ from orbax_surgery.plan.plan import Plan, Step
 from orbax_surgery.plan.resolve import resolve
 from orbax_surgery.read.materialize import apply_rules, materialize
 from orbax_surgery.read.restore import plan_restore, restore
+from orbax_surgery.rules.fused import Concatenate, Split
 from orbax_surgery.rules.layers import Stack, Unstack
 from orbax_surgery.rules.moves import Copy, Drop, Fallback, Rename
 from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
@@ -65,6 +66,7 @@ __all__ = [
     'CheckpointNotFoundError',
     'ChecksumMismatchError',
     'Combine',
+    'Concatenate',
     'Copy',
     'DestinationExistsError',
     'Drop',
@@ -93,6 +95,7 @@ __all__ = [
     'ShapeMismatchError',
     'Slice',
     'SourceReadError',
+    'Split',
     'Stack',
     'Step',
     'SurgeryCheckpointHandler',

@@ -323,7 +323,25 @@ def check_spec(spec: Spec) -> None:
         _check_layers(kw.get('layers'))
         _check_template(names, a[1])
         return
+    if spec.kind == 'Concatenate':
+        if len(a[0]) < 2:
+            raise RefError('build', 'one part')
+        p = _check_regex(a[0][0])
+        for t in (*a[0][1:], a[1]):
+            _check_template(p, t)
+        return
     p = _check_regex(a[0])
+    if spec.kind == 'Split':
+        if len(a[1]) < 2:
+            raise RefError('build', 'one part')
+        for t in a[1]:
+            _check_template(p, t)
+        sizes = kw.get('sizes')
+        if sizes is not None and (
+            len(sizes) != len(a[1]) or any(n < -1 for n in sizes) or sizes.count(-1) > 1
+        ):
+            raise RefError('build', 'bad sizes')
+        return
     if spec.kind in ('Rename', 'Copy'):
         _check_template(p, a[1])
     elif spec.kind == 'Unstack':
@@ -497,6 +515,65 @@ class Reference:
                 _derived(parts, value), tainted=failed or any(p.tainted for p in parts)
             )
         return res
+
+    def _split(self, vals, pattern, templates, axis=0, sizes=None):
+        found = _matching(pattern, list(vals))
+        names = {k for k, _ in found}
+        out = {k: v for k, v in vals.items() if k not in names}
+        for key, m in found:
+            v = vals[key]
+            n = v.value.ndim
+            if not -n <= axis < n:
+                raise RefError('plan', 'axis')
+            total = v.value.shape[axis]
+            if sizes is None:
+                if total % len(templates):
+                    raise RefError('plan', 'unequal parts')
+                lengths = [total // len(templates)] * len(templates)
+            else:
+                known = sum(x for x in sizes if x != -1)
+                if known > total or (-1 not in sizes and known != total):
+                    raise RefError('plan', 'sizes')
+                lengths = [total - known if x == -1 else x for x in sizes]
+            pieces = np.split(v.value, np.cumsum(lengths)[:-1], axis=axis)
+            for template, piece in zip(templates, pieces, strict=True):
+                new = m.expand(template)
+                if new in out:
+                    raise RefError('plan', f'{new!r} taken')
+                out[new] = dataclasses.replace(v, value=np.asarray(piece), constant=False)
+        return out
+
+    def _concatenate(self, vals, parts, template, axis=0):
+        found = _matching(parts[0], list(vals))
+        joined: dict[str, tuple[list[str], V]] = {}
+        for key, m in found:
+            names = [key, *(m.expand(t) for t in parts[1:])]
+            if any(n not in vals for n in names):
+                raise RefError('plan', 'part missing')
+            values = [vals[n] for n in names]
+            ndim = values[0].value.ndim
+            if not -ndim <= axis < ndim:
+                raise RefError('plan', 'axis')
+            if any(
+                v.value.dtype != values[0].value.dtype
+                or v.value.ndim != ndim
+                or np.delete(v.value.shape, axis % ndim).tolist()
+                != np.delete(values[0].value.shape, axis % ndim).tolist()
+                for v in values
+            ):
+                raise RefError('plan', 'parts differ')
+            new = m.expand(template)
+            if new in joined:
+                raise RefError('plan', f'{new!r} joined twice')
+            value = np.concatenate([v.value for v in values], axis=axis)
+            joined[new] = (names, _derived(values, value))
+        used = {n for names, _ in joined.values() for n in names}
+        out = {k: v for k, v in vals.items() if k not in used}
+        for new, (_, v) in joined.items():
+            if new in out:
+                raise RefError('plan', f'{new!r} taken')
+            out[new] = v
+        return out
 
     def _unstack(self, vals, pattern, template, axis=0, layers=None):
         found = _matching(pattern, list(vals))
@@ -746,9 +823,9 @@ def _spec_sizes(leaf: T) -> list[int]:
 
 
 @st.composite
-def arrays(draw, dtypes=DTYPES, max_dims=3, sizes=SIZES):
+def arrays(draw, dtypes=DTYPES, max_dims=3, sizes=SIZES, min_dims=0):
     dtype = draw(st.sampled_from(dtypes))
-    shape = tuple(draw(st.lists(st.sampled_from(sizes), max_size=max_dims)))
+    shape = tuple(draw(st.lists(st.sampled_from(sizes), min_size=min_dims, max_size=max_dims)))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
@@ -837,6 +914,7 @@ def patterns(draw, keys: list[str]):
 
 
 TEMPLATES = ['r{n}', r'r{n}/\1', r'\1', r'\2', r'\g<nope>', 'r{n}\\', r'\g<1>_{n}', '']
+SPLIT_TEMPLATES = ['p{n}', 'q{n}', r'\1_p{n}', r'\1_q{n}', r'\2', 'a']
 
 
 @st.composite
@@ -887,6 +965,7 @@ def rule_spec(
             + ['Copy', 'Drop', 'Drop', 'Cast', 'Cast', 'Transpose', 'Reshape', 'Slice', 'Slice']
             + ['MapValue'] * 3
             + ['Combine', 'Fallback', 'Stack', 'Unstack', 'OrbaxTransforms']
+            + ['Split', 'Concatenate']
         )
     )
     if kind in ('Rename', 'Copy'):
@@ -910,6 +989,30 @@ def rule_spec(
         return Spec(kind, (pattern, shape))
     if kind == 'Slice':
         return Spec(kind, (pattern, draw(basic_index(ndim))))
+    if kind == 'Split':
+        count = draw(st.sampled_from([2, 3, 1, 2, 3]))
+        templates = tuple(
+            draw(
+                st.lists(
+                    st.sampled_from(SPLIT_TEMPLATES), min_size=count, max_size=count, unique=True
+                )
+            )
+        )
+        kw: list[tuple[str, Any]] = []
+        if draw(st.booleans()):
+            kw.append(('axis', draw(st.integers(-ndim - 1, ndim))))
+        if draw(st.booleans()):
+            sizes = draw(st.lists(st.integers(-2, 4), min_size=count, max_size=count))
+            kw.append(('sizes', tuple(sizes)))
+        return Spec(kind, (pattern, tuple(t.replace('{n}', str(n)) for t in templates)), tuple(kw))
+    if kind == 'Concatenate':
+        some = draw(st.sampled_from([1, 2, 0, 1, 2]))
+        others = draw(
+            st.lists(st.sampled_from([*names, r'\1', 'no_such']), min_size=some, max_size=some)
+        )
+        template = draw(st.sampled_from(TEMPLATES)).replace('{n}', str(n))
+        axis = (('axis', draw(st.integers(-ndim - 1, ndim))),) if draw(st.booleans()) else ()
+        return Spec(kind, ((pattern, *others), template), axis)
     if kind == 'MapValue':
         fn = draw(st.sampled_from(FNS))
         out = None if fn.out is None or x is None else fn.out_for(x)
@@ -1023,13 +1126,16 @@ def cases(draw, tree_strategy=None, kinds: list[str] | None = None):
 
 
 PER_LAYER_KINDS = ['Rename', 'Copy', 'Drop', 'Cast', 'Transpose', 'Reshape', 'Slice', 'MapValue']
-PER_LAYER_KINDS += ['Fallback']
+PER_LAYER_KINDS += ['Fallback', 'Split', 'Concatenate']
 
 
 @st.composite
 def stack_compositions(draw, kind: str, stack: bool):
     """A `kind` rule on every layer of a family and then `Stack`, or `Unstack` and then it."""
-    layer = draw(arrays(max_dims=2, sizes=[1, 2, 3]))
+    fused = kind in ('Split', 'Concatenate')  # Mostly of arrays with an axis to cut or join.
+    layer = draw(
+        arrays(max_dims=2, sizes=[1, 2, 3], min_dims=int(fused and draw(st.integers(0, 4)) < 4))
+    )
     count = draw(st.integers(1, 3))
     layers = [np.roll(layer, i) for i in range(count)]
     kw: list[tuple[str, Any]] = []
@@ -1057,10 +1163,22 @@ def stack_compositions(draw, kind: str, stack: bool):
 @st.composite
 def _per_layer(draw, kind: str, pattern: str, layer: np.ndarray, templates: list[str]) -> Spec:
     """A rule on every layer, valid more often than not (names, indexes in range)."""
-    if kind in ('Rename', 'Copy') and draw(st.integers(0, 3)):
+    if kind in ('Rename', 'Copy') and draw(st.integers(0, 3)) < 3:
         return Spec(kind, (pattern, draw(st.sampled_from(templates))))
-    if kind == 'Slice' and draw(st.integers(0, 3)):
+    if kind == 'Slice' and draw(st.integers(0, 3)) < 3:
         return Spec(kind, (pattern, draw(_index_within(layer.shape))))
+    if kind == 'Split' and layer.ndim and draw(st.integers(0, 3)) < 3:
+        axis = draw(st.integers(-layer.ndim, layer.ndim - 1))
+        n = layer.shape[axis]
+        cut = draw(st.integers(0, n))
+        sizes = draw(st.sampled_from([(cut, n - cut), None, (cut, -1), (-1, n - cut)]))
+        family = templates[0]
+        parts = (family, family.replace('v', 'v2') if 'v' in family else family + '_2')
+        kw = (('axis', axis),) + ((('sizes', sizes),) if sizes else ())
+        return Spec(kind, (pattern, parts), kw)
+    if kind == 'Concatenate' and layer.ndim and draw(st.integers(0, 3)) < 3:
+        axis = (('axis', draw(st.integers(-layer.ndim, layer.ndim - 1))),)
+        return Spec(kind, ((pattern, r'\g<0>'), templates[0]), axis)
     return draw(rule_spec(0, {}, [kind], family=(pattern, layer)))
 
 

@@ -13,6 +13,7 @@ from orbax_surgery.errors import RuleError
 from orbax_surgery.huggingface.pytorch_rules import from_pytorch, to_pytorch
 from orbax_surgery.keys import PyTree, did_you_mean
 from orbax_surgery.rules.arguments import parse_dtype
+from orbax_surgery.rules.fused import Concatenate, Split
 from orbax_surgery.rules.layers import Stack, Unstack
 from orbax_surgery.rules.moves import Copy, Drop, Fallback, Rename
 from orbax_surgery.rules.rule import Rule
@@ -189,6 +190,12 @@ def read_ints(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadValue(f'must be a list of strings, not {value!r}.')
+    return tuple(value)
+
+
 def read_dtype(value: Any) -> Any:
     return parse_dtype(_string(value), 'dtype')
 
@@ -241,6 +248,9 @@ def _mode(value: Any) -> str:
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     'pattern': _string,
     'replacement': _string,
+    'replacements': _strings,
+    'parts': _strings,
+    'sizes': read_ints,
     'dtype': read_dtype,
     'axes': read_ints,
     'shape': read_ints,
@@ -261,6 +271,8 @@ _KINDS: dict[str, tuple[Callable[..., Any], tuple[str, ...], tuple[str, ...]]] =
     'slice': (Slice, ('pattern', 'index'), ()),
     'unstack': (Unstack, ('pattern', 'replacement'), ('axis', 'layers')),
     'stack': (Stack, ('pattern', 'replacement'), ('axis', 'layers')),
+    'split': (Split, ('pattern', 'replacements'), ('axis', 'sizes')),
+    'concatenate': (Concatenate, ('parts', 'replacement'), ('axis',)),
     'lora': (LoraMerge, ('adapters',), ('mode',)),
 }
 _SHORTHAND = {'drop': 'pattern', 'fallback': 'pattern', 'lora': 'adapters'}

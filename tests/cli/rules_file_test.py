@@ -60,6 +60,18 @@ KINDS = [
         "stack = { pattern = 'l_{i}/(.*)', replacement = 'l/\\1', layers = '0:8:2' }",
         osurg.Stack('l_{i}/(.*)', r'l/\1', layers=[0, 2, 4, 6]),
     ),
+    (
+        "split = { pattern = '(.*)/qkv', replacements = ['\\1/q', '\\1/k', '\\1/v'] }",
+        osurg.Split('(.*)/qkv', (r'\1/q', r'\1/k', r'\1/v')),
+    ),
+    (
+        "split = { pattern = 'gu', replacements = ['g', 'u'], axis = 1, sizes = [8, -1] }",
+        osurg.Split('gu', ('g', 'u'), axis=1, sizes=(8, -1)),
+    ),
+    (
+        "concatenate = { parts = ['(.*)/q', '\\1/k'], replacement = '\\1/qk', axis = -1 }",
+        osurg.Concatenate(('(.*)/q', r'\1/k'), r'\1/qk', axis=-1),
+    ),
 ]
 
 
@@ -91,6 +103,24 @@ def test_yaml_gives_the_same_rules_as_toml(tmp_path):
         'rules.yaml',
     )
     assert yaml == toml and len(toml) == 3
+
+
+def test_split_and_concatenate_in_yaml(tmp_path):
+    yaml = rules_of(
+        tmp_path,
+        """
+        rules:
+          - split:
+              {pattern: '(.*)/qkv', replacements: ['\\1/q', '\\1/k', '\\1/v'], sizes: [4, 2, 2]}
+          - concatenate: {parts: ['(.*)/k', '\\1/v'], replacement: '\\1/kv', axis: 0}
+        """,
+        'rules.yaml',
+    )
+    want = (
+        osurg.Split('(.*)/qkv', (r'\1/q', r'\1/k', r'\1/v'), sizes=(4, 2, 2)),
+        osurg.Concatenate(('(.*)/k', r'\1/v'), r'\1/kv'),
+    )
+    assert yaml == want
 
 
 def test_presets_take_their_functions_options(tmp_path):
