@@ -78,6 +78,8 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
 
 def convert_command(args: argparse.Namespace) -> int:
     src, location = locations.absolute(args.src), locations.absolute(args.dst)
+    if args.dst_step is not None:  # Another step of the source's own manager is fine.
+        return _convert_to_step(args, location)
     if location == src or location.startswith(src.rstrip('/') + '/'):
         raise DestinationExistsError(
             f'{location} is the source or inside it; write somewhere else.'
@@ -196,6 +198,67 @@ def _convert_to_url(args: argparse.Namespace, location: str) -> int:
         print(
             f'Wrote {shown} ({kind}): {len(plan.steps)} arrays, {format_bytes(total)} in '
             f'{secs:.1f} s.'
+        )
+    return 0
+
+
+def _convert_to_step(args: argparse.Namespace, location: str) -> int:
+    """Converts into step `--dst-step` of the CheckpointManager directory `location`.
+
+    The manager finalizes the step as Orbax does (a temporary directory renamed,
+    or a commit file in object storage) and records its metadata, so the step is
+    complete or absent; other steps are left alone.
+    """
+    if args.to != 'orbax':
+        raise DestinationExistsError(
+            '--dst-step writes a step of an Orbax CheckpointManager; safetensors have no '
+            'steps. Leave out --dst-step, or pass --to orbax.'
+        )
+    shown = locations.shown(location)
+    if args.dst_step < 0:
+        raise DestinationExistsError(f'--dst-step is a step number >= 0, not {args.dst_step}.')
+    use_cpu()
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
+    plan, source, target, rules = _planned(args)
+    if _has_errors(plan):
+        return 1
+    step_dir = locations.join(location, str(args.dst_step))
+    src = item_path(locations.absolute(args.src), step=args.step, item=args.item)
+    if str(src).rstrip('/').startswith(step_dir.rstrip('/') + '/') or str(src) == step_dir:
+        raise DestinationExistsError(
+            f'{locations.shown(step_dir)} is the source or holds it; write another --dst-step.'
+        )
+    if target is None:  # What the rules give, spelled out: the writer needs a target.
+        target = nest(dict.fromkeys(plan.target_keys, ...))
+    start = time.monotonic()
+    total = sum(_nbytes(step) for step in plan.steps)
+    with ocp.CheckpointManager(location) as manager:
+        if args.dst_step in manager.all_steps():
+            if not args.overwrite:
+                raise DestinationExistsError(
+                    f'{shown} has step {args.dst_step} already (steps: '
+                    f'{manager.all_steps()}); convert leaves it untouched. Choose another '
+                    '--dst-step, or pass --overwrite to replace it (the old step goes first).'
+                )
+            if not args.quiet:
+                print(f'Removing step {args.dst_step} of {shown} first.', file=sys.stderr)
+            manager.delete(args.dst_step)
+        with _progress(total, args.quiet) as advance:
+            save = SurgerySave(
+                item=source,
+                rules=rules,
+                target=target,
+                max_inflight_bytes=budget,
+                progress=advance,
+                checksums=args.checksums,
+            )
+            manager.save(args.dst_step, args=save)
+            manager.wait_until_finished()
+    if not args.quiet:
+        secs = time.monotonic() - start
+        print(
+            f'Wrote step {args.dst_step} of {shown} (Orbax checkpoint): {len(plan.steps)} '
+            f'arrays, {format_bytes(total)} in {secs:.1f} s.'
         )
     return 0
 

@@ -70,7 +70,9 @@ DST.converting-* directory, removed by the next convert to DST), and running
 it again works. An existing DST is refused unless --overwrite, which
 replaces it only once the new one is complete (in one atomic swap on Linux;
 elsewhere a kill at that moment can leave the old one at DST.replaced-*,
-which `inspect DST` points to and the next convert to DST removes).
+which `inspect DST` points to and the next convert to DST removes). With
+--dst-step N, DST is a CheckpointManager directory and step N is written
+there, finalized and with step metadata as Orbax writes them.
 
 Runs on CPU (set JAX_PLATFORMS to choose otherwise).
 
@@ -81,6 +83,7 @@ examples:
   orbax-surgery convert /ckpts/llama-flax ~/hf/llama-out --rules export.toml --to safetensors \\
       --max-shard-size 2GB
   orbax-surgery convert /ckpts/base /ckpts/merged --rules merge_lora.toml --overwrite
+  orbax-surgery convert ~/hf/llama /ckpts/run --dst-step 0 --rules import.toml
 """
 
 _DEMO_HELP = """\
@@ -169,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar='SIZE',
         help='with --to safetensors: bytes per file before the next (default 5GB)',
+    )
+    convert.add_argument(
+        '--dst-step',
+        type=int,
+        metavar='N',
+        help='with --to orbax: DST is a CheckpointManager directory; write step N there',
     )
     convert.add_argument('--overwrite', action='store_true', help='replace an existing DST')
     convert.add_argument(

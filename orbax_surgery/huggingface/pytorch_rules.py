@@ -57,7 +57,9 @@ class FromPyTorch:
     """Rule: each target key takes the PyTorch tensor Hugging Face's converter would give it.
 
     Target keys already in the tree are left alone, so earlier rules win.
-    Stacks made by `Stack` are converted layer by layer.
+    Stacks made by `Stack` are converted layer by layer. It fills what it can
+    where it stands, and once more after the last rule, so a `Rename` placed
+    after `from_pytorch(...)` works as well as one placed before it.
 
     Attributes:
         fan_in_fan_out: Regex of PyTorch weight keys stored `(in, out)` already
@@ -83,6 +85,11 @@ class FromPyTorch:
     def __post_init__(self):
         if self.fan_in_fan_out is not None:
             compile_pattern(self.fan_in_fan_out, repr(self))
+
+    def settle(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        """After the last rule, fills the targets still empty, so rules placed after the
+        preset (a `Rename` of PyTorch names, say) still get PyTorch layouts converted."""
+        return self.apply(tree, target)
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
         out = {k: e for k, e in tree.items() if k.rpartition(SEP)[2] != 'num_batches_tracked'}

@@ -68,15 +68,28 @@ def resolve(
         leaves, treedef = read_target(target)
     errors: list[SurgeryError] = []
     dropped: dict[KeyPath, Rule] = {}
-    for rule in checked_rules(rules):
+    checked = checked_rules(rules)
+    history: list[tuple[KeyPath, ...]] = []  # The keys before each rule, for order hints.
+    for i, rule in enumerate(checked):
+        history.append(tuple(tree))
         before = _refs(e.expr for e in tree.values())
         try:
             tree = rule.apply(tree, leaves)
+        except UnmatchedKeyError as e:
+            errors.append(_with_order_hint(e, i, checked, history))
+            continue
         except SurgeryError as e:
             errors.append(e)
             continue
         for key in sorted(before - _refs(e.expr for e in tree.values())):
             dropped.setdefault(key, rule)
+    for rule in checked:  # A preset also fills, once more, what later rules made fillable.
+        settle = getattr(rule, 'settle', None)
+        if settle is not None and any(k not in tree for k in leaves):
+            try:
+                tree = settle(tree, leaves)
+            except SurgeryError as e:
+                errors.append(e)
     if target is None:  # In the stored containers where they are known, else nested dicts.
         skeleton = stored_skeleton(tree)
         inferred = skeleton.build({}, lambda _: ...) if skeleton else nest(dict.fromkeys(tree, ...))
@@ -108,6 +121,27 @@ def resolve(
         target_keys=tuple(leaves),
         missing=tuple(missing),
     )
+
+
+def _with_order_hint(
+    error: UnmatchedKeyError,
+    at: int,
+    rules: Sequence[Rule],
+    history: Sequence[tuple[KeyPath, ...]],
+) -> UnmatchedKeyError:
+    """The error, saying which earlier rule renamed the keys `rules[at]` was written for."""
+    pattern = getattr(rules[at], '_re', None)
+    if pattern is None:
+        return error
+    for i in range(at - 1, -1, -1):
+        hits = [k for k in history[i] if pattern.fullmatch(k)]
+        if hits:
+            return UnmatchedKeyError(
+                f'{error} It matches {summarize(hits, 2)} as the keys were before rules[{i}] '
+                f'{rules[i]!r} changed them; rules run in order, so put rules[{at}] before '
+                f'rules[{i}].'
+            )
+    return error
 
 
 def normalize_rules(rules: Rules) -> tuple[Rule, ...]:

@@ -398,3 +398,34 @@ def test_demo_restores_and_checks_every_leaf(tmp_path):
     assert out.count('   ok  ') == 7 and 'BAD' not in out
     assert out.rstrip().endswith('All leaves match.')
     assert (tmp_path / 'demo' / '100' / 'default' / '_METADATA').exists()
+
+
+def test_convert_writes_a_step_of_a_checkpoint_manager(root, tmp_path, capsys):
+    rules = write(tmp_path / 'unroll.toml', UNROLL)
+    managed = tmp_path / 'managed'
+    # Into a new manager directory, then step 1 of the source's own manager as another step.
+    first = [root, managed, '--dst-step', '3', '--rules', rules]
+    assert cli.main(['convert', *map(str, first)]) == 0
+    assert 'Wrote step 3 of' in capsys.readouterr().out
+    args = [root, root, '--step', '1', '--dst-step', '7', '--rules', rules, '--quiet']
+    assert cli.main(['convert', *map(str, args)]) == 0
+    layers = SCANNED['params']['layers']
+    for path, step in ((managed, 3), (root, 7)):
+        with ocp.CheckpointManager(path) as manager:
+            assert step in manager.all_steps()
+            tree = manager.restore(step, args=osurg.SurgeryRestore())
+            assert manager.metadata(step).item_metadata is not None  # Orbax's step metadata
+        np.testing.assert_array_equal(tree['layers_2']['mlp']['kernel'], layers['mlp']['kernel'][2])
+    with ocp.CheckpointManager(root) as manager:
+        manager.delete(7)  # The module's fixture, as the other tests expect it.
+    # An existing step is kept unless --overwrite; safetensors have no steps.
+    assert cli.main(['convert', str(root), str(managed), '--dst-step', '3', '-q']) == 2
+    assert 'has step 3 already (steps: [3])' in capsys.readouterr().err
+    again = [root, managed, '--step', '5', '--dst-step', '3', '--overwrite', '-q']
+    assert cli.main(['convert', *map(str, again)]) == 0
+    with ocp.CheckpointManager(managed) as manager:
+        assert manager.all_steps() == [3]
+        assert 'layers' in manager.restore(3, args=osurg.SurgeryRestore())['params']  # No rules
+    bad = ['convert', str(root), str(tmp_path / 'hf'), '--dst-step', '1', '--to', 'safetensors']
+    assert cli.main(bad) == 2
+    assert 'safetensors have no steps' in capsys.readouterr().err

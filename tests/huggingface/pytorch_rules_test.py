@@ -412,3 +412,37 @@ def test_a_target_keeping_module_lists_asks_for_layers_none():
     assert 'Pass layers=None to from_pytorch' in str(plan.errors[0])
     out = osurg.apply_rules(ckpt, target, osurg.from_pytorch(layers=None))
     assert out['model']['layers']['0']['q_proj']['kernel'].shape == (2, 4)
+
+
+ORDER_CKPT = {
+    'model.layers.0.self_attn.q_proj.weight': np.arange(8.0).reshape(4, 2),
+    'model.layers.1.self_attn.q_proj.weight': np.arange(8.0).reshape(4, 2) + 8,
+    'model.norm.weight': np.ones(2),
+}
+ORDER_TARGET = targets('layers_0/attn/query/kernel', 'layers_1/attn/query/kernel', 'norm/scale')
+
+
+@pytest.mark.parametrize('before', [True, False], ids=['rename_first', 'preset_first'])
+def test_a_rename_works_before_or_after_the_preset(before):
+    rename = osurg.Rename(r'(.*)/self_attn/q_proj/(.*)', r'\1/attn/query/\2')
+    preset = osurg.from_pytorch(drop_prefix='model')
+    rules = [rename, *preset] if before else [*preset, rename]
+    out = osurg.apply_rules(torch_tree(ORDER_CKPT), ORDER_TARGET, rules)
+    for i in range(2):
+        want = ORDER_CKPT[f'model.layers.{i}.self_attn.q_proj.weight'].T
+        np.testing.assert_array_equal(out[f'layers_{i}']['attn']['query']['kernel'], want)
+    np.testing.assert_array_equal(out['norm']['scale'], np.ones(2))
+
+
+def test_a_rule_after_the_preset_written_for_raw_names_says_where_to_move_it():
+    rename = osurg.Rename(r'model/layers/(\d+)/self_attn/q_proj/(.*)', r'layers_\1/attn/query/\2')
+    plan = osurg.resolve(
+        osurg.TreeSource(torch_tree(ORDER_CKPT)).arrays,
+        ORDER_TARGET,
+        [*osurg.from_pytorch(drop_prefix='model'), rename],
+    )
+    message = str(plan.errors[0])
+    assert isinstance(plan.errors[0], osurg.UnmatchedKeyError)
+    assert "It matches 'model/layers/0/self_attn/q_proj/weight'" in message
+    assert "before rules[0] Rename(pattern='model/(.*)'" in message
+    assert 'put rules[3] before rules[0]' in message
