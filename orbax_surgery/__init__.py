@@ -54,6 +54,7 @@ from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
 from orbax_surgery.rules.scopes import Unsuffixed
 from orbax_surgery.rules.values import Cast, Combine, MapValue, Reshape, Slice, Transpose
 from orbax_surgery.sources.orbax_checkpoint import OrbaxCheckpoint
+from orbax_surgery.sources.pytorch_checkpoint import PyTorchCheckpoint
 from orbax_surgery.sources.safetensors import SafetensorsCheckpoint
 from orbax_surgery.sources.tree import TreeSource
 from orbax_surgery.write.surgery_save import layer_save_args
@@ -88,6 +89,7 @@ __all__ = [
     'PeerTimeoutError',
     'PeftAdapter',
     'Plan',
+    'PyTorchCheckpoint',
     'Rename',
     'Reshape',
     'RuleError',

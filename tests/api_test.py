@@ -39,6 +39,7 @@ def test_public_api_is_pinned():
         'PeerTimeoutError',
         'PeftAdapter',
         'Plan',
+        'PyTorchCheckpoint',
         'Rename',
         'Reshape',
         'RuleError',

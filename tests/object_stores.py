@@ -127,7 +127,10 @@ def create_gcs_bucket(name: str) -> None:
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Files with `Range: bytes=a-b` support; /redirect/X answers 302 to /X, /forbidden/X 403."""
+    """Files with `Range: bytes=a-b` support, and suffixes (`bytes=-n`).
+
+    /redirect/X answers 302 to /X, /forbidden/X 403.
+    """
 
     requests: list[tuple[str, str]] = []
 
@@ -155,10 +158,10 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404)
             return
         data = file.read_bytes()
-        match = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range', ''))
-        if match:
-            start = int(match[1])
-            stop = min(int(match[2]) + 1 if match[2] else len(data), len(data))
+        match = re.fullmatch(r'bytes=(\d*)-(\d*)', self.headers.get('Range', ''))
+        if match and (match[1] or match[2]):
+            start = int(match[1]) if match[1] else max(0, len(data) - int(match[2]))  # A suffix.
+            stop = min(int(match[2]) + 1 if match[1] and match[2] else len(data), len(data))
             if start >= len(data):
                 self.send_response(416)
                 self.send_header('Content-Range', f'bytes */{len(data)}')

@@ -43,6 +43,7 @@ def describe(path: epath.PathLike, *, step: int | None = None) -> dict[str, Any]
         >>> d['kind'], d['arrays'][0]['key'], d['arrays'][0]['shape'], d['bytes']
         ('orbax', 'dense/kernel', [4, 8], 128)
     """
+    from orbax_surgery.sources.pytorch_files import is_pytorch
     from orbax_surgery.sources.safetensors import is_safetensors
 
     if _is_http(path):  # A web server lists nothing: it serves safetensors or nothing.
@@ -52,6 +53,9 @@ def describe(path: epath.PathLike, *, step: int | None = None) -> dict[str, Any]
     if (path / _PEFT_CONFIG).exists():
         _no_choice(path, step=step, item=None)
         return _peft(path)
+    if is_pytorch(path):
+        _no_choice(path, step=step, item=None)
+        return _pytorch(path)
     if is_safetensors(path) or (path / '_METADATA').exists() or not path.is_dir():
         _no_choice(path, step=step, item=None)
         return _safetensors(path) if is_safetensors(path) else _item(path)
@@ -80,13 +84,14 @@ def item_path(path: epath.PathLike, *, step: int | None = None, item: str | None
     A manager directory gives its latest step (or `step`); a step directory
     with several items needs `item` (one named 'default' is taken without).
     """
+    from orbax_surgery.sources.pytorch_files import is_pytorch
     from orbax_surgery.sources.safetensors import is_safetensors
 
     if _is_http(path):
         _no_choice(path, step=step, item=item)
         return str(path)
     p = epath.Path(path)
-    if is_safetensors(p) or (p / '_METADATA').exists() or not p.is_dir():
+    if is_safetensors(p) or is_pytorch(p) or (p / '_METADATA').exists() or not p.is_dir():
         _no_choice(p, step=step, item=item)
         return str(p)
     if not _items(p):
@@ -141,6 +146,12 @@ def _item_text(d: Mapping[str, Any]) -> str:
         head = f'PEFT adapter {d["path"]}: {len(d["arrays"])} tensors, {total}'
         settings = {k: d['config'][k] for k in _PEFT_SETTINGS if k in d['config']}
         head += '\n  ' + ', '.join(f'{k}={v!r}' for k, v in settings.items())
+    elif d['kind'] == 'pytorch':
+        files = len(d['files'])
+        head = f'PyTorch checkpoint {d["path"]}: {len(d["arrays"])} tensors, {total}'
+        head += f' in {files} file{"s" if files != 1 else ""}'
+        if d['skipped']:
+            head += f'; not tensors, skipped: {", ".join(sorted(d["skipped"]))}'
     elif d['kind'] == 'safetensors':
         files = len(d['files'])
         head = f'Safetensors checkpoint {d["path"]}: {len(d["arrays"])} tensors, {total}'
@@ -254,6 +265,22 @@ def _safetensors(path: epath.Path) -> dict[str, Any]:
         'path': locations.shown(ckpt.location),
         'files': sorted(ckpt.metadata),
         'metadata': ckpt.metadata,
+        'arrays': arrays,
+        'bytes': sum(a['bytes'] for a in arrays),
+    }
+
+
+def _pytorch(path: epath.Path) -> dict[str, Any]:
+    from orbax_surgery.sources.pytorch_checkpoint import PyTorchCheckpoint
+    from orbax_surgery.sources.safetensors import key_to_name
+
+    ckpt = PyTorchCheckpoint(path)
+    arrays = [_array(s, name=key_to_name(s.key)) for s in ckpt.arrays.values()]
+    return {
+        'kind': 'pytorch',
+        'path': locations.shown(ckpt.location),
+        'files': sorted({locations.name(f) for f in ckpt.files}),
+        'skipped': ckpt.skipped,
         'arrays': arrays,
         'bytes': sum(a['bytes'] for a in arrays),
     }

@@ -24,6 +24,8 @@ from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES, check_bud
 from orbax_surgery.read.verify import verified
 from orbax_surgery.rules.rule import Rule
 from orbax_surgery.sources.orbax_checkpoint import DEFAULT_CACHE_BYTES, OrbaxCheckpoint
+from orbax_surgery.sources.pytorch_checkpoint import PyTorchCheckpoint
+from orbax_surgery.sources.pytorch_files import is_pytorch
 from orbax_surgery.sources.safetensors import SafetensorsCheckpoint, is_safetensors
 from orbax_surgery.sources.source import ArraySource
 from orbax_surgery.write.checksums import Recorder
@@ -120,6 +122,8 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         source: ArraySource
         if is_safetensors(directory):
             source = SafetensorsCheckpoint(directory)
+        elif is_pytorch(directory):
+            source = PyTorchCheckpoint(directory)
         else:
             source = OrbaxCheckpoint(
                 directory, cache_bytes=self._cache_bytes, read_gap_bytes=self._read_gap_bytes
@@ -142,7 +146,7 @@ class SurgerySave(ocp.args.CheckpointArgs):
 
     Attributes:
         item: The tree to save. With `rules` or `target` it may also be a source
-            (`OrbaxCheckpoint`, `SafetensorsCheckpoint`), converted without
+            (`OrbaxCheckpoint`, `SafetensorsCheckpoint`, `PyTorchCheckpoint`), converted without
             loading it whole.
         rules: Rules from `item`'s keys to the saved tree's, as for restoring.
         target: The saved tree's leaves (shapes, dtypes, shardings), or None
