@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,6 +23,7 @@ from orbax_surgery import locations
 from orbax_surgery.cli.listing import describe, format_description, item_path
 from orbax_surgery.cli.python_rules import load_target
 from orbax_surgery.cli.rules_file import RulesFile, load_rules_file
+from orbax_surgery.cli.rules_file_entries import ConfigPreset
 from orbax_surgery.errors import CheckpointNotFoundError, DestinationExistsError
 from orbax_surgery.huggingface.export import DEFAULT_MAX_SHARD_SIZE, save_safetensors
 from orbax_surgery.keys import PyTree, nest
@@ -56,14 +59,29 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def plan_command(args: argparse.Namespace) -> int:
     use_cpu()
-    plan, _, _, _ = _planned(args)
+    plan = _planned(args).plan
     print(json.dumps(plan_summary(plan), indent=2) if args.json else format_plan(plan))
     return 1 if plan.errors else 0
 
 
-def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple[Rule, ...]]:
-    """The plan, and the source, target and rules it comes from."""
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A conversion's plan, the source, target and rules it comes from, and the
+    Hugging Face config a preset export writes beside the files (or None)."""
+
+    plan: Plan
+    source: ArraySource
+    target: PyTree
+    rules: tuple[Rule, ...]
+    hf_config: dict[str, Any] | None
+
+
+def _planned(args: argparse.Namespace) -> Planned:
+    """The plan, and what it comes from."""
     rules_file = load_rules_file(args.rules) if args.rules else RulesFile(epath.Path('.'))
+    if args.preset:  # After the file's rules: a preset fills what they leave.
+        auto = ConfigPreset(layers=args.layers, config=args.config, direction=args.preset)
+        rules_file = dataclasses.replace(rules_file, rules=(*rules_file.rules, auto))
     target = rules_file.target
     if args.target:
         target = load_target(args.target, relative_to=epath.Path(os.getcwd()))
@@ -72,8 +90,11 @@ def _planned(args: argparse.Namespace) -> tuple[Plan, ArraySource, PyTree, tuple
     opened = open_source(src)
     if getattr(args, 'verify', False):
         opened = verified(opened)
+    if target is None:
+        target = rules_file.target_for(opened)
     source, rules = rules_file.compose(opened, target)
-    return resolve(source.arrays, target, rules), source, target, rules
+    plan = resolve(source.arrays, target, rules)
+    return Planned(plan, source, target, rules, rules_file.export_config(opened))
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -94,7 +115,8 @@ def convert_command(args: argparse.Namespace) -> int:
         )
     use_cpu()
     budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    plan, source, target, rules = _planned(args)
+    planned = _planned(args)
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
     if _has_errors(plan):
         return 1
     if target is None:  # What the rules give, spelled out: the writers need a target.
@@ -118,6 +140,7 @@ def convert_command(args: argparse.Namespace) -> int:
                     max_inflight_bytes=budget,
                     progress=advance,
                     checksums=args.checksums,
+                    config=planned.hf_config,
                 )
         move_into_place(partial, dst, aside=_REPLACED)
     except BaseException:
@@ -170,7 +193,8 @@ def _convert_to_url(args: argparse.Namespace, location: str) -> int:
         dst.rmtree()
     use_cpu()
     budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    plan, source, target, rules = _planned(args)
+    planned = _planned(args)
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
     if _has_errors(plan):
         return 1
     if target is None:  # What the rules give, spelled out: the writers need a target.
@@ -191,6 +215,7 @@ def _convert_to_url(args: argparse.Namespace, location: str) -> int:
                 progress=advance,
                 checksums=args.checksums,
                 overwrite=args.overwrite,
+                config=planned.hf_config,
             )
     if not args.quiet:
         secs = time.monotonic() - start
@@ -219,7 +244,8 @@ def _convert_to_step(args: argparse.Namespace, location: str) -> int:
         raise DestinationExistsError(f'--dst-step is a step number >= 0, not {args.dst_step}.')
     use_cpu()
     budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    plan, source, target, rules = _planned(args)
+    planned = _planned(args)
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
     if _has_errors(plan):
         return 1
     step_dir = locations.join(location, str(args.dst_step))

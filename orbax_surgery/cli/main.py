@@ -209,6 +209,23 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('src', metavar='SRC', help='Orbax checkpoint or Hugging Face safetensors')
     parser.add_argument('--rules', metavar='FILE', help='rules file: .toml, .yaml/.yml or .py')
     parser.add_argument(
+        '--preset',
+        choices=('import', 'export'),
+        help="a model family's rules from the config.json beside SRC (import: Hugging Face to "
+        'Flax, with the target; export: back), after the rules file if any',
+    )
+    parser.add_argument(
+        '--config',
+        metavar='FILE',
+        help='with --preset: the config.json (or its directory); default: the one beside SRC',
+    )
+    parser.add_argument(
+        '--layers',
+        choices=('unrolled', 'stacked'),
+        default='unrolled',
+        help='with --preset: the Flax layers, layers_0/... or one stacked (scanned) layers/...',
+    )
+    parser.add_argument(
         '--target',
         metavar='MODULE:FUNCTION',
         help="target tree from 'module:function' or 'file.py:function' (or a variable)",

@@ -23,6 +23,7 @@ from etils import epath
 from orbax_surgery.cli.python_rules import load_python_rules, load_target
 from orbax_surgery.cli.rules_file_entries import (
     BadValue,
+    ConfigPreset,
     LoraMerge,
     read_dtype,
     read_entry,
@@ -57,10 +58,35 @@ class RulesFile:
     target: PyTree = None
 
     def compose(self, source: ArraySource, target: PyTree) -> tuple[ArraySource, tuple[Rule, ...]]:
-        """The source to read and the rules to apply, the LoRA merge included."""
+        """The source to read and the rules to apply, the LoRA merge and presets included."""
+        rules, after = _expanded(self.rules, source), _expanded(self.after, source)
         if self.merge is None:
-            return source, self.rules
-        return self.merge.compose(source, target, self.rules, self.after)
+            return source, rules
+        return self.merge.compose(source, target, rules, after)
+
+    def target_for(self, source: ArraySource) -> PyTree:
+        """The file's target, else that of its `preset = 'auto'` import, else None."""
+        if self.target is not None:
+            return self.target
+        for rule in (*self.rules, *self.after):
+            if isinstance(rule, ConfigPreset) and rule.direction == 'import':
+                return rule.preset(source).target
+        return None
+
+    def export_config(self, source: ArraySource) -> dict[str, Any] | None:
+        """The config of a `preset = 'auto'` export, to write as `config.json`; else None."""
+        for rule in (*self.rules, *self.after):
+            if isinstance(rule, ConfigPreset) and rule.direction == 'export':
+                return dict(rule.preset(source).config)
+        return None
+
+
+def _expanded(rules: tuple[Rule, ...], source: ArraySource) -> tuple[Rule, ...]:
+    """The rules with each `preset = 'auto'` entry replaced by its family's rules."""
+    out: list[Rule] = []
+    for rule in rules:
+        out.extend(rule.rules(source) if isinstance(rule, ConfigPreset) else (rule,))
+    return tuple(out)
 
 
 def load_rules_file(path: epath.PathLike) -> RulesFile:

@@ -10,6 +10,7 @@ from typing import Any
 from etils import epath
 
 from orbax_surgery.errors import RuleError
+from orbax_surgery.huggingface.presets import Preset, preset
 from orbax_surgery.huggingface.pytorch_rules import from_pytorch, to_pytorch
 from orbax_surgery.keys import PyTree, did_you_mean
 from orbax_surgery.rules.arguments import parse_dtype
@@ -81,6 +82,45 @@ class LoraMerge:
         return both, tuple(rules)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigPreset:
+    """A `preset = 'auto'` entry: a model family's rules, from its `config.json`.
+
+    Attributes:
+        layers: 'unrolled' or 'stacked' layers in the Flax layout.
+        config: The `config.json` (or its directory); by default the one beside
+            the Hugging Face source.
+        direction: 'import' (Hugging Face -> Flax; also gives the target when
+            none is given) or 'export' (Flax -> Hugging Face).
+    """
+
+    layers: str = 'unrolled'
+    config: str | None = None
+    direction: str = 'import'
+
+    def __post_init__(self):
+        if self.direction not in ('import', 'export'):
+            raise RuleError(f"direction is 'import' or 'export', not {self.direction!r}.")
+
+    def preset(self, source: Any) -> Preset:
+        where = self.config or getattr(source, 'directory', None)
+        if where is None:
+            raise RuleError(
+                f"preset = 'auto' reads the config.json beside a Hugging Face source, but "
+                f'{source!r} has none; give it: config = "path/to/config.json".'
+            )
+        return preset(where, layers=self.layers)  # type: ignore[arg-type]
+
+    def rules(self, source: Any) -> tuple[Rule, ...]:
+        made = self.preset(source)
+        return made.import_rules if self.direction == 'import' else made.export_rules
+
+    def apply(self, tree: Any, target: Any) -> Any:
+        raise RuleError(
+            "preset = 'auto' becomes rules once its source is known: use RulesFile.compose."
+        )
+
+
 def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
     where = f'{path}: rules[{i}]'
     if not isinstance(entry, Mapping) or not entry:
@@ -88,7 +128,7 @@ def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
             f"{where} is {entry!r}; a rule is a table with one kind, e.g. {{drop = 'opt/.*'}}."
         )
     if 'preset' in entry:
-        return _preset(entry, where)
+        return _preset(entry, where, path)
     if len(entry) > 1:
         raise RuleError(
             f'{where} has the keys {sorted(entry)}; an entry holds one rule (or a preset '
@@ -129,12 +169,14 @@ def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
     return made if isinstance(made, LoraMerge) else [made]
 
 
-def _preset(entry: Mapping[str, Any], where: str) -> list[Rule]:
+def _preset(entry: Mapping[str, Any], where: str, path: epath.Path) -> list[Rule]:
     name = entry['preset']
+    if name == 'auto':
+        return [_config_preset(entry, f'{where} (preset {name!r})', path)]
     if name not in _PRESETS:
         raise RuleError(
-            f'{where}: unknown preset {name!r}; the presets are {", ".join(_PRESETS)}.'
-            f'{did_you_mean(str(name), _PRESETS)}'
+            f'{where}: unknown preset {name!r}; the presets are auto, {", ".join(_PRESETS)}.'
+            f'{did_you_mean(str(name), ["auto", *_PRESETS])}'
         )
     fn = _PRESETS[name]
     where = f'{where} (preset {name!r})'
@@ -154,6 +196,26 @@ def _preset(entry: Mapping[str, Any], where: str) -> list[Rule]:
             raise RuleError(f'{where}: {option}: {e}') from None
     try:
         return fn(**options)
+    except RuleError as e:
+        raise RuleError(f'{where}: {e}') from e
+
+
+def _config_preset(entry: Mapping[str, Any], where: str, path: epath.Path) -> Rule:
+    options = {k: v for k, v in entry.items() if k != 'preset'}
+    known = ('layers', 'config', 'direction')
+    for option, value in options.items():
+        if option not in known:
+            raise RuleError(
+                f'{where}: unknown option {option!r}; it takes {", ".join(known)}.'
+                f'{did_you_mean(str(option), known)}'
+            )
+        if not isinstance(value, str):
+            raise RuleError(f'{where}: {option} must be a string, not {value!r}.')
+    if 'config' in options:
+        config = epath.Path(options['config'])
+        options['config'] = str(config if config.is_absolute() else path.parent / config)
+    try:
+        return ConfigPreset(**options)
     except RuleError as e:
         raise RuleError(f'{where}: {e}') from e
 

@@ -6,6 +6,7 @@ Imports every lower stage (`lora` included); only `cli` imports it.
 from orbax_surgery.huggingface.export import Exported, save_safetensors
 from orbax_surgery.huggingface.peft_adapter import PeftAdapter, read_peft_adapter
 from orbax_surgery.huggingface.peft_save import save_peft_adapter
+from orbax_surgery.huggingface.presets import Preset, preset
 from orbax_surgery.huggingface.pytorch_rules import (
     FromPyTorch,
     ModuleLists,
@@ -20,9 +21,11 @@ __all__ = [
     'FromPyTorch',
     'ModuleLists',
     'PeftAdapter',
+    'Preset',
     'SafetensorsCheckpoint',
     'ToPyTorch',
     'from_pytorch',
+    'preset',
     'read_peft_adapter',
     'save_peft_adapter',
     'save_safetensors',

@@ -88,6 +88,7 @@ def save_safetensors(
     progress: Callable[[int], None] | None = None,
     peer_timeout_secs: float = DEFAULT_PEER_TIMEOUT_SECS,
     checksums: bool = False,
+    config: Mapping[str, Any] | None = None,
 ) -> Exported:
     """Writes a checkpoint or a live tree as Hugging Face safetensors, shard by shard.
 
@@ -124,6 +125,9 @@ def save_safetensors(
             `directory`, so that restores with `verify=True` detect changed
             bytes. Each process reads and hashes an even share of the blocks;
             safetensors and transformers loaders ignore the extra directory.
+        config: A Hugging Face config to write as `config.json` (e.g. a preset's
+            `config`); by default a Hugging Face source's `config.json` and
+            `generation_config.json` are copied.
 
     Returns:
         What was written, with this process's share.
@@ -171,6 +175,7 @@ def save_safetensors(
             progress=progress,
             checksums=checksums,
             configs_from=configs,
+            config=config,
         )
         barrier.wait('finalized', left=f'Every file was written to {locations.shown(location)}.')
         return _exported(epath.Path(location), layout, written)
@@ -197,7 +202,7 @@ def save_safetensors(
             record_safetensors(paths, process=barrier.process, count=barrier.count).write_now(tmp)
             barrier.wait('hashed', left=unfinished)
         if jax.process_index() == 0:
-            copy_configs(configs, str(tmp))
+            copy_configs(configs, str(tmp), config)
             write_index(tmp, layout)
             move_into_place(tmp, directory)
     except BaseException:

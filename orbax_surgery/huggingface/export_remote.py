@@ -18,7 +18,8 @@ a slab crosses; then the parts are removed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,6 +58,7 @@ def export_to_object_storage(
     progress: Callable[[int], None] | None,
     checksums: bool,
     configs_from: str | None,
+    config: Mapping[str, Any] | None = None,
 ) -> int:
     """Writes `layout` to `directory` in object storage; returns this process's bytes."""
     here, count = barrier.process, barrier.count
@@ -83,7 +85,7 @@ def export_to_object_storage(
             record_safetensors(files, process=here, count=count).write_now(epath.Path(directory))
             barrier.wait('hashed', left=unfinished)
         if here == 0:
-            copy_configs(configs_from, directory)
+            copy_configs(configs_from, directory, config)
             if len(layout.names) > 1:
                 epath.Path(locations.join(directory, INDEX_FILE)).write_text(index_text(layout))
             _remove_others(directory, layout, checksums)
@@ -222,11 +224,19 @@ def _offset(box: Region, index: Sequence[int]) -> int:
     return position
 
 
-def copy_configs(source: str | None, directory: str) -> None:
-    """Copies `config.json` and `generation_config.json` from a Hugging Face source."""
+def copy_configs(
+    source: str | None, directory: str, config: Mapping[str, Any] | None = None
+) -> None:
+    """Copies `config.json` and `generation_config.json` from a Hugging Face source.
+
+    A given `config` is written as `config.json` instead of the source's.
+    """
+    if config is not None:
+        text = json.dumps(dict(config), indent=2, sort_keys=True) + '\n'
+        epath.Path(locations.join(directory, CONFIG_FILES[0])).write_text(text)
     if source is None:
         return
-    for name in CONFIG_FILES:
+    for name in CONFIG_FILES[1:] if config is not None else CONFIG_FILES:
         file = open_file(locations.join(source, name))
         if file.exists():
             epath.Path(locations.join(directory, name)).write_bytes(file.read(0))

@@ -142,6 +142,7 @@ def test_inspect_orbax_item_manager_root_and_safetensors(root, hf_dir):
     assert hf['files'] == ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
 
 
+@pytest.mark.slow
 def test_plan_text_json_errors_and_debug(root, tmp_path):
     rules = write(tmp_path / 'unroll.toml', UNROLL)
     text = ok(run('plan', root, '--step', '5', '--item', 'default', '--rules', rules)).stdout
@@ -301,6 +302,7 @@ rules = [osurg.MapValue('.*', double, elementwise=True)]
 """
 
 
+@pytest.mark.slow
 def test_an_interrupted_convert_leaves_no_destination_and_a_rerun_works(tmp_path):
     values = {f'w{i}': random_array((64, 64), seed=i) for i in range(8)}
     with ocp.StandardCheckpointer() as ckptr:
@@ -343,6 +345,7 @@ def test_an_interrupted_convert_leaves_no_destination_and_a_rerun_works(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ['double.py', 'fails.py', 'out', 'src']
 
 
+@pytest.mark.slow
 def test_convert_merges_lora_adapters_and_plans_a_peft_merge(root, hf_dir, tmp_path):
     (tmp_path / 'adapters').symlink_to(root / '5' / 'adapters')
     rules = "[[rules]]\ndrop = 'opt_state/.*|step'\n[[rules]]\nlora = 'adapters'\n"

@@ -245,6 +245,7 @@ def test_linen_spec_adapts_dense_general_with_several_in_and_out_axes():
     assert sorted(lora.trained) == ['head/bias', 'head/kernel']
 
 
+@pytest.mark.slow
 def test_linen_optimizer_on_a_joined_tree_updates_and_keeps_state_for_trainable_only():
     tokens, y = toy_data(1, (BATCH, T), (BATCH, T, OUT), vocab=VOCAB)
     model = LinenModel()
