@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from orbax_surgery.errors import RuleError
+from orbax_surgery.huggingface import maxtext
 from orbax_surgery.huggingface.architectures import (
     Family,
     Sizes,
@@ -30,6 +31,7 @@ from orbax_surgery.rules.fused import Concatenate, Split
 from orbax_surgery.rules.layers import Stack, Unstack
 from orbax_surgery.rules.moves import Copy, Drop, Rename
 from orbax_surgery.rules.rule import Entry, Rule, Target, Tree
+from orbax_surgery.rules.target import read_target
 from orbax_surgery.rules.values import Reshape
 
 LayerLayout = Literal['unrolled', 'stacked']
@@ -48,11 +50,12 @@ class Preset:
             may name a member (e.g. 'mistral' is a 'llama').
         config: The config it was made from, as a dict.
         layers: 'unrolled' (`layers_0/...`) or 'stacked' (one `layers/...` with a
-            leading layer axis, as `nn.scan` stores it).
+            leading layer axis, as `nn.scan` stores it; MaxText's is the second).
         import_rules: Hugging Face checkpoint -> the canonical Flax layout.
         export_rules: The canonical Flax layout -> Hugging Face names and layouts.
         target: The Flax parameter tree as `jax.ShapeDtypeStruct`s, in the
             config's dtype (place it with `jax.tree.map` before restoring).
+        to: The layout: 'flax' or 'maxtext'.
 
     Example:
         >>> p = preset({'model_type': 'gpt2', 'vocab_size': 64, 'n_embd': 16,
@@ -67,16 +70,24 @@ class Preset:
     import_rules: tuple[Rule, ...]
     export_rules: tuple[Rule, ...]
     target: PyTree
+    to: str = 'flax'
 
     def __repr__(self):
         model_type = self.config.get('model_type')
         return (
-            f'Preset({self.family!r}, model_type={model_type!r}, layers={self.layers!r}, '
+            f'Preset({self.family!r}, model_type={model_type!r}, to={self.to!r}, '
+            f'layers={self.layers!r}, '
             f'{len(self.import_rules)} import rules, {len(self.export_rules)} export rules)'
         )
 
 
-def preset(config: Any, *, layers: LayerLayout = 'unrolled', dtype: Any = None) -> Preset:
+def preset(
+    config: Any,
+    *,
+    layers: LayerLayout = 'unrolled',
+    dtype: Any = None,
+    to: Literal['flax', 'maxtext'] = 'flax',
+) -> Preset:
     """The preset for a Hugging Face model: its `config.json`, directory, dict or config object.
 
     Args:
@@ -84,6 +95,8 @@ def preset(config: Any, *, layers: LayerLayout = 'unrolled', dtype: Any = None) 
             file itself, a dict, or a `transformers` config.
         layers: 'unrolled' or 'stacked' (scanned) layers in the Flax layout.
         dtype: The target's dtype; the config's `dtype` (`torch_dtype`) by default.
+        to: 'flax', the canonical Flax layout (see `architectures`), or 'maxtext',
+            MaxText's parameter tree (Llama, Mistral and Gemma; see `maxtext`).
 
     Raises:
         RuleError: an unknown `model_type` (the message lists the known ones) or
@@ -100,8 +113,31 @@ def preset(config: Any, *, layers: LayerLayout = 'unrolled', dtype: Any = None) 
     family = family_of(data)
     if layers not in ('unrolled', 'stacked'):
         raise RuleError(f"layers={layers!r}: a preset's layers are 'unrolled' or 'stacked'.")
+    if to not in ('flax', 'maxtext'):
+        raise RuleError(f"to={to!r}: a preset writes 'flax' or 'maxtext' layouts.")
     sizes = family.sizes(data)
     dtype = np.dtype(dtype) if dtype is not None else dtype_of(data)
+    if to == 'maxtext':
+        maxtext.check_family(family)
+        stacked = layers == 'stacked'
+        return Preset(
+            family=family.name,
+            config=data,
+            layers=layers,
+            import_rules=(
+                _Through(
+                    tuple(_import_rules(family, sizes, 'unrolled')),
+                    _target(family, sizes, 'unrolled', dtype),
+                ),
+                *maxtext.from_flax(family, sizes, data, stacked),
+            ),
+            export_rules=(
+                *maxtext.to_flax(family, sizes, data, stacked),
+                *_export_rules(family, sizes, 'unrolled', with_head=family.name != 'gemma'),
+            ),
+            target=_stacked_target(maxtext.shapes(family, sizes), sizes, stacked, dtype),
+            to=to,
+        )
     return Preset(
         family=family.name,
         config=data,
@@ -110,6 +146,24 @@ def preset(config: Any, *, layers: LayerLayout = 'unrolled', dtype: Any = None) 
         export_rules=tuple(_export_rules(family, sizes, layers)),
         target=_target(family, sizes, layers, dtype),
     )
+
+
+def _stacked_target(
+    shapes: dict[str, tuple[int, ...]], sizes: Sizes, stacked: bool, dtype: np.dtype
+) -> PyTree:
+    """MaxText's tree: `layers_{i}`, or one `layers` with the layer axis second."""
+    flat: dict[KeyPath, jax.ShapeDtypeStruct] = {}
+    for key, shape in shapes.items():
+        if '{i}' not in key:
+            flat[key] = jax.ShapeDtypeStruct(shape, dtype)
+        elif stacked:
+            flat[key.replace('layers_{i}', 'layers')] = jax.ShapeDtypeStruct(
+                (shape[0], sizes.layers, *shape[1:]), dtype
+            )
+        else:
+            for i in range(sizes.layers):
+                flat[key.replace('{i}', str(i))] = jax.ShapeDtypeStruct(shape, dtype)
+    return nest(flat)
 
 
 def _target(family: Family, sizes: Sizes, layers: LayerLayout, dtype: np.dtype) -> PyTree:
@@ -168,9 +222,13 @@ def _import_rules(family: Family, s: Sizes, layers: LayerLayout) -> list[Rule]:
     return rules
 
 
-def _export_rules(family: Family, s: Sizes, layers: LayerLayout) -> list[Rule]:
+def _export_rules(
+    family: Family, s: Sizes, layers: LayerLayout, *, with_head: bool = True
+) -> list[Rule]:
+    """The canonical Flax layout -> Hugging Face's; `with_head=False` where a tied layout
+    keeps no head (MaxText's Gemma), so there is none to drop."""
     rules: list[Rule] = []
-    if s.tied and family.head:
+    if s.tied and family.head and with_head:
         rules.append(Drop(f'{family.head}/kernel'))  # Hugging Face ties it to the embedding.
     if layers == 'stacked':
         rules.append(Unstack(rf'({family.layers})/(.*)', r'\1/{i}/\2'))
@@ -240,3 +298,25 @@ class _IfPresent:
         if any(self.rule._re.fullmatch(k) for k in tree):
             return self.rule.apply(tree, target)
         return dict(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Through:
+    """`rules` applied as if the target were `target`: a layout reached through another.
+
+    The MaxText presets import into the canonical Flax layout first, whose
+    target-driven `FromPyTorch` needs that layout's keys, then rename onward.
+    """
+
+    rules: tuple[Rule, ...]
+    target: PyTree
+
+    def __repr__(self):
+        return f'{len(self.rules)} rules into the canonical Flax layout'
+
+    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
+        leaves, _ = read_target(self.target)
+        out = dict(tree)
+        for rule in self.rules:
+            out = rule.apply(out, leaves)
+        return out

@@ -42,7 +42,7 @@ def test_the_target_takes_the_config_dtype_unless_told_and_stacks_layers():
     assert (
         osurg.huggingface.preset(LLAMA, dtype='float32').target['norm']['scale'].dtype == np.float32
     )
-    assert "Preset('llama', model_type='llama', layers='stacked'" in repr(p)
+    assert "Preset('llama', model_type='llama', to='flax', layers='stacked'" in repr(p)
 
 
 def test_head_dim_from_the_config_when_it_differs_from_hidden_over_heads():

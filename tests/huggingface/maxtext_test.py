@@ -1,0 +1,142 @@
+"""MaxText layouts: presets with to='maxtext', proven by MaxText's own forward pass.
+
+The quick tests check the layout (MaxText 0.2.5's parameter paths and shapes,
+scanned on axis 1) and that the export rules give back the stored tensors. The
+slow test runs `tests/maxtext/maxtext_logits.py` (MaxText 0.2.5's own model on
+the checkpoint we write) in MaxText's own Python 3.12 environment, given by
+`MAXTEXT_PYTHON` (default /work/maxtext/venv/bin/python; how to make it: the
+README's MaxText section), and compares its logits with PyTorch's; it is
+skipped, saying so, where that environment is absent.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import hf_models
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors.numpy import load_file
+
+import orbax_surgery as osurg
+from orbax_surgery.keys import flatten
+from orbax_surgery.sources.safetensors import key_to_name
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+IDS = np.random.default_rng(0).integers(0, 128, size=(2, 12))
+HARNESS = Path(__file__).parents[1] / 'maxtext' / 'maxtext_logits.py'
+MAXTEXT_PYTHON = os.environ.get('MAXTEXT_PYTHON', '/work/maxtext/venv/bin/python')
+LLAMA31_ROPE = {
+    'rope_type': 'llama3',
+    'rope_theta': 500000.0,
+    'factor': 8.0,  # MaxText hard-codes these four for its interleaved (Llama 3.1) RoPE.
+    'low_freq_factor': 1.0,
+    'high_freq_factor': 4.0,
+    'original_max_position_embeddings': 8192,
+}
+MODELS = {  # Our case -> (model_type, config overrides, the harness's --model)
+    'llama': ('llama', {}, 'llama2'),
+    'llama3.1': ('llama', {'rope_parameters': LLAMA31_ROPE}, 'llama3.1'),
+    'mistral': ('mistral', {}, 'mistral'),
+    'gemma': ('gemma', {}, 'gemma'),
+}
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    made = {}
+
+    def get(case):
+        if case not in made:
+            model_type, overrides, _ = MODELS[case]
+            torch.manual_seed(0)
+            config = hf_models.tiny_config(model_type, **overrides)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            path = tmp_path_factory.mktemp(case.replace('.', '_'))
+            model.eval().save_pretrained(path)
+            with torch.no_grad():
+                logits = model(torch.from_numpy(IDS)).logits.numpy()
+            made[case] = path, logits
+        return made[case]
+
+    return get
+
+
+def test_the_maxtext_layout_scanned_on_axis_one():
+    config = {**hf_models.tiny_config('llama').to_dict(), 'num_hidden_layers': 3}
+    p = osurg.huggingface.preset(config, layers='stacked', to='maxtext')
+    layers = p.target['params']['params']['decoder']['layers']
+    assert layers['self_attention']['query']['kernel'].shape == (64, 3, 4, 16)  # (E, L, H, D)
+    assert layers['self_attention']['key']['kernel'].shape == (64, 3, 2, 16)
+    assert layers['self_attention']['out']['kernel'].shape == (4, 3, 16, 64)  # (H, L, D, E)
+    assert layers['mlp']['wo']['kernel'].shape == (128, 3, 64)
+    assert layers['pre_self_attention_layer_norm']['scale'].shape == (64, 3)
+    decoder = p.target['params']['params']['decoder']
+    assert decoder['logits_dense']['kernel'].shape == (64, 128)
+    gemma = osurg.huggingface.preset(hf_models.tiny_config('gemma'), to='maxtext')
+    gemma_decoder = gemma.target['params']['params']['decoder']
+    assert 'logits_dense' not in gemma_decoder  # Tied: logits from the embedding.
+    assert sorted(gemma_decoder['layers_1']) == [
+        'mlp',
+        'pre_ffw_norm',
+        'pre_self_attention_norm',
+        'self_attention',
+    ]
+    with pytest.raises(osurg.RuleError, match="No MaxText layout for the 'phi3' family"):
+        osurg.huggingface.preset(hf_models.tiny_config('phi3'), to='maxtext')
+
+
+@pytest.mark.parametrize('case', ['llama3.1', 'gemma'])
+@pytest.mark.parametrize('layers', ['unrolled', 'stacked'])
+def test_export_from_maxtext_gives_back_the_stored_tensors(saved, case, layers):
+    path, _ = saved(case)
+    p = osurg.huggingface.preset(path, layers=layers, to='maxtext')
+    plan = osurg.plan_restore(path, p.target, p.import_rules)
+    assert plan.errors == () and all(step.lazy for step in plan.steps), str(plan)
+    params = osurg.restore(path, p.target, p.import_rules)
+    if case == 'gemma':  # Norms store 1 + w, the embedding sqrt(E) * w.
+        stored = load_file(path / 'model.safetensors')
+        norm = np.asarray(params['params']['params']['decoder']['decoder_norm']['scale'])
+        np.testing.assert_allclose(norm, stored['model.norm.weight'] + 1, rtol=1e-6)
+    back = osurg.apply_rules(params, None, p.export_rules)
+    exported = {key_to_name(k): np.asarray(v) for k, v in flatten(back)[0].items()}
+    stored = load_file(path / 'model.safetensors')
+    assert sorted(exported) == sorted(stored)
+    for name, tensor in stored.items():  # Scales in float32 and back: within an ulp or two.
+        np.testing.assert_allclose(exported[name], tensor, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', list(MODELS))
+@pytest.mark.parametrize('layers', ['unrolled', 'stacked'])
+def test_maxtexts_own_forward_pass_gives_pytorchs_logits(saved, tmp_path, case, layers):
+    if not Path(MAXTEXT_PYTHON).exists():
+        pytest.skip(f'No MaxText environment at {MAXTEXT_PYTHON} (set MAXTEXT_PYTHON)')
+    path, want = saved(case)
+    p = osurg.huggingface.preset(path, layers=layers, to='maxtext')
+    out = tmp_path / 'maxtext'
+    # Written lazily where MaxText's converters put it: step 0, item 'items'.
+    with ocp.CheckpointManager(out, item_names=('items',)) as manager:
+        source = osurg.SafetensorsCheckpoint(path)
+        save = osurg.SurgerySave(item=source, rules=p.import_rules, target=p.target)
+        manager.save(0, args=ocp.args.Composite(items=save))
+        manager.wait_until_finished()
+    (tmp_path / 'ids.json').write_text(json.dumps(IDS.tolist()))
+    model = MODELS[case][2]
+    args = [MAXTEXT_PYTHON, HARNESS, '--model', model, '--params', out / '0' / 'items']
+    args += ['--config-json', path / 'config.json', '--scan', str(layers == 'stacked').lower()]
+    args += ['--ids', tmp_path / 'ids.json', '--out', tmp_path / 'logits.npy']
+    if case == 'gemma':  # MaxText casts a tied embedding to bfloat16 for the logits; not here.
+        args.append('--fp32-tied-logits')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), want, rtol=1e-5, atol=1e-5)
