@@ -210,8 +210,9 @@ def _import_rules(family: Family, s: Sizes, layers: LayerLayout) -> list[Rule]:
             rules.append(Split(fused, _names(rf'\1/attention/{{}}_proj/{leaf}'), axis=1))
             rules.append(Reshape(rf'(.*)/attention/[qkv]_proj/{leaf}', (h * hd, *per_head[1:])))
         rules.append(_IfPresent(Rename('lm_head/weight', 'embed_out/weight')))
-    if s.tied and family.head:
-        rules.append(Copy(rf'{p}/{family.embedding}/weight', f'{family.head}/weight'))
+    if s.tied and family.head:  # Unless the checkpoint stores the tied head too.
+        copy = Copy(rf'{p}/{family.embedding}/weight', f'{family.head}/weight')
+        rules.append(_IfPresent(copy, absent=f'{family.head}/weight'))
     gpt2_conv1d = r'.*/(attn/(q_proj|k_proj|v_proj|c_proj)|mlp/(c_fc|c_proj))/weight'
     rules += from_pytorch(
         drop_prefix=family.prefix,
@@ -287,15 +288,21 @@ def _parts(q_pattern: str) -> tuple[str, str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class _IfPresent:
-    """`rule` where its pattern matches some key; nothing otherwise (optional buffers, names)."""
+    """`rule` where its pattern matches some key (and `absent` is no key); else nothing.
 
-    rule: Rename | Drop
+    For what checkpoints of one family may or may not hold: buffers, old names, a
+    tied head stored beside its embedding.
+    """
+
+    rule: Rename | Drop | Copy
+    absent: str | None = None
 
     def __repr__(self):
-        return f'{self.rule!r} (if present)'
+        unless = f' and {self.absent!r} is not' if self.absent else ''
+        return f'{self.rule!r} (if present{unless})'
 
     def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
-        if any(self.rule._re.fullmatch(k) for k in tree):
+        if self.absent not in tree and any(self.rule._re.fullmatch(k) for k in tree):
             return self.rule.apply(tree, target)
         return dict(tree)
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,8 +52,21 @@ def test_head_dim_from_the_config_when_it_differs_from_hidden_over_heads():
     assert p.target['layers_0']['self_attn']['q_proj']['kernel'].shape == (64, 4 * 32)
     assert p.target['layers_0']['self_attn']['o_proj']['kernel'].shape == (4 * 32, 64)
     # Tied: the import copies the embedding into lm_head; the export drops it again.
-    assert any(isinstance(r, osurg.Copy) for r in p.import_rules)
+    assert any(isinstance(getattr(r, 'rule', r), osurg.Copy) for r in p.import_rules)
     assert osurg.Drop('lm_head/kernel') in p.export_rules
+
+
+def test_a_tied_checkpoint_that_stores_its_head_too_keeps_the_stored_head():
+    p = osurg.huggingface.preset({**LLAMA, 'tie_word_embeddings': True, 'dtype': 'float32'})
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), p.target)
+    hf = osurg.apply_rules(params, None, p.export_rules)  # Tied: no head stored.
+    assert 'lm_head' not in hf
+    tied = osurg.apply_rules(hf, p.target, p.import_rules)
+    np.testing.assert_array_equal(tied['lm_head']['kernel'], params['embed_tokens']['embedding'].T)
+    head = rng.standard_normal((256, 64)).astype(np.float32)
+    stored = osurg.apply_rules({**hf, 'lm_head': {'weight': head}}, p.target, p.import_rules)
+    np.testing.assert_array_equal(stored['lm_head']['kernel'], head.T)
 
 
 def test_an_unknown_model_type_lists_the_known_ones_and_how_to_write_rules():
