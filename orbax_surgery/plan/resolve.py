@@ -134,7 +134,10 @@ def _with_order_hint(
     if pattern is None:
         return error
     for i in range(at - 1, -1, -1):
-        hits = [k for k in history[i] if pattern.fullmatch(k)]
+        try:
+            hits = [k for k in history[i] if pattern.fullmatch(k)]
+        except SurgeryError:  # A regex that times out: the error as it is.
+            return error
         if hits:
             return UnmatchedKeyError(
                 f'{error} It matches {summarize(hits, 2)} as the keys were before rules[{i}] '
