@@ -113,14 +113,11 @@ def convert_command(args: argparse.Namespace) -> int:
             f'{dst} exists; convert leaves it untouched. Choose another destination, or pass '
             '--overwrite to replace it once the new one is complete.'
         )
-    use_cpu()
-    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    planned = _planned(args)
-    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
-    if _has_errors(plan):
+    planned = _planned_to_write(args)
+    if planned is None:
         return 1
-    if target is None:  # What the rules give, spelled out: the writers need a target.
-        target = nest(dict.fromkeys(plan.target_keys, ...))
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     _remove_leftovers(dst, quiet=args.quiet)
     partial = dst.parent / f'{dst.name}{_PARTIAL}{secrets.token_hex(4)}'
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -131,17 +128,7 @@ def convert_command(args: argparse.Namespace) -> int:
             if args.to == 'orbax':
                 _write_orbax(partial, source, target, rules, budget, advance, args.checksums)
             else:
-                save_safetensors(
-                    source,
-                    partial,
-                    target=target,
-                    rules=rules,
-                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                    max_inflight_bytes=budget,
-                    progress=advance,
-                    checksums=args.checksums,
-                    config=planned.hf_config,
-                )
+                _write_safetensors(planned, str(partial), args, advance)
         move_into_place(partial, dst, aside=_REPLACED)
     except BaseException:
         for leftover in dst.parent.glob(f'{partial.name}*'):
@@ -158,6 +145,42 @@ def convert_command(args: argparse.Namespace) -> int:
             f'{len(plan.steps)} arrays, {format_bytes(total)} in {secs:.1f} s.'
         )
     return 0
+
+
+def _planned_to_write(args: argparse.Namespace) -> Planned | None:
+    """A convert's plan, on the CPU, with the target the writers need (what the rules
+    give, spelled out, when none is given); None, its errors printed, if it has any."""
+    use_cpu()
+    planned = _planned(args)
+    if _has_errors(planned.plan):
+        return None
+    if planned.target is None:
+        target = nest(dict.fromkeys(planned.plan.target_keys, ...))
+        planned = dataclasses.replace(planned, target=target)
+    return planned
+
+
+def _write_safetensors(
+    planned: Planned,
+    location: str,
+    args: argparse.Namespace,
+    advance: Callable[[int], None],
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Writes the planned conversion as safetensors at `location`, as `args` ask."""
+    save_safetensors(
+        planned.source,
+        location,
+        target=planned.target,
+        rules=planned.rules,
+        max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+        max_inflight_bytes=args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES,
+        progress=advance,
+        checksums=args.checksums,
+        overwrite=overwrite,
+        config=planned.hf_config,
+    )
 
 
 def _has_errors(plan: Plan) -> bool:
@@ -191,32 +214,18 @@ def _convert_to_url(args: argparse.Namespace, location: str) -> int:
         if not args.quiet:
             print(f'Removing {shown} first, to write it anew.', file=sys.stderr)
         dst.rmtree()
-    use_cpu()
-    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    planned = _planned(args)
-    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
-    if _has_errors(plan):
+    planned = _planned_to_write(args)
+    if planned is None:
         return 1
-    if target is None:  # What the rules give, spelled out: the writers need a target.
-        target = nest(dict.fromkeys(plan.target_keys, ...))
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     start = time.monotonic()
     total = sum(_nbytes(step) for step in plan.steps)
     with _progress(total, args.quiet) as advance:
         if args.to == 'orbax':
             _write_orbax(dst, source, target, rules, budget, advance, args.checksums)
         else:
-            save_safetensors(
-                source,
-                location,
-                target=target,
-                rules=rules,
-                max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                max_inflight_bytes=budget,
-                progress=advance,
-                checksums=args.checksums,
-                overwrite=args.overwrite,
-                config=planned.hf_config,
-            )
+            _write_safetensors(planned, location, args, advance, overwrite=args.overwrite)
     if not args.quiet:
         secs = time.monotonic() - start
         kind = 'Orbax checkpoint' if args.to == 'orbax' else 'safetensors'
@@ -242,20 +251,17 @@ def _convert_to_step(args: argparse.Namespace, location: str) -> int:
     shown = locations.shown(location)
     if args.dst_step < 0:
         raise DestinationExistsError(f'--dst-step is a step number >= 0, not {args.dst_step}.')
-    use_cpu()
-    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
-    planned = _planned(args)
-    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
-    if _has_errors(plan):
+    planned = _planned_to_write(args)
+    if planned is None:
         return 1
+    plan, source, target, rules = planned.plan, planned.source, planned.target, planned.rules
+    budget = args.max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     step_dir = locations.join(location, str(args.dst_step))
     src = item_path(locations.absolute(args.src), step=args.step, item=args.item)
     if str(src).rstrip('/').startswith(step_dir.rstrip('/') + '/') or str(src) == step_dir:
         raise DestinationExistsError(
             f'{locations.shown(step_dir)} is the source or holds it; write another --dst-step.'
         )
-    if target is None:  # What the rules give, spelled out: the writer needs a target.
-        target = nest(dict.fromkeys(plan.target_keys, ...))
     start = time.monotonic()
     total = sum(_nbytes(step) for step in plan.steps)
     with ocp.CheckpointManager(location) as manager:
