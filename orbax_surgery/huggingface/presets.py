@@ -135,7 +135,9 @@ def preset(
                 *maxtext.to_flax(family, sizes, data, stacked),
                 *_export_rules(family, sizes, 'unrolled', with_head=family.name != 'gemma'),
             ),
-            target=_stacked_target(maxtext.shapes(family, sizes), sizes, stacked, dtype),
+            target=_layered(
+                maxtext.shapes(family, sizes), 'layers', sizes.layers, stacked, 1, dtype
+            ),
             to=to,
         )
     return Preset(
@@ -148,37 +150,33 @@ def preset(
     )
 
 
-def _stacked_target(
-    shapes: dict[str, tuple[int, ...]], sizes: Sizes, stacked: bool, dtype: np.dtype
+def _layered(
+    shapes: dict[str, tuple[int, ...]],
+    layers: str,
+    count: int,
+    stacked: bool,
+    axis: int,
+    dtype: np.dtype,
 ) -> PyTree:
-    """MaxText's tree: `layers_{i}`, or one `layers` with the layer axis second."""
+    """The target tree of `shapes`, whose `{layers}_{i}` keys become one key per layer or,
+    stacked, one `{layers}` key with the layer axis at `axis` (Flax's 0, MaxText's 1)."""
+    block = f'{layers}_{{i}}'
     flat: dict[KeyPath, jax.ShapeDtypeStruct] = {}
     for key, shape in shapes.items():
-        if '{i}' not in key:
+        if block not in key:
             flat[key] = jax.ShapeDtypeStruct(shape, dtype)
         elif stacked:
-            flat[key.replace('layers_{i}', 'layers')] = jax.ShapeDtypeStruct(
-                (shape[0], sizes.layers, *shape[1:]), dtype
-            )
+            stacked_shape = (*shape[:axis], count, *shape[axis:])
+            flat[key.replace(block, layers)] = jax.ShapeDtypeStruct(stacked_shape, dtype)
         else:
-            for i in range(sizes.layers):
+            for i in range(count):
                 flat[key.replace('{i}', str(i))] = jax.ShapeDtypeStruct(shape, dtype)
     return nest(flat)
 
 
 def _target(family: Family, sizes: Sizes, layers: LayerLayout, dtype: np.dtype) -> PyTree:
-    flat: dict[KeyPath, jax.ShapeDtypeStruct] = {}
-    block = f'{family.layers}_{{i}}/'
-    for key, shape in family.shapes(sizes).items():
-        if not key.startswith(block):
-            flat[key] = jax.ShapeDtypeStruct(shape, dtype)
-        elif layers == 'stacked':
-            stacked = f'{family.layers}/' + key.removeprefix(block)
-            flat[stacked] = jax.ShapeDtypeStruct((sizes.layers, *shape), dtype)
-        else:
-            for i in range(sizes.layers):
-                flat[key.replace('{i}', str(i))] = jax.ShapeDtypeStruct(shape, dtype)
-    return nest(flat)
+    shapes = family.shapes(sizes)
+    return _layered(shapes, family.layers, sizes.layers, layers == 'stacked', 0, dtype)
 
 
 def _import_rules(family: Family, s: Sizes, layers: LayerLayout) -> list[Rule]:
