@@ -101,6 +101,7 @@ def test_the_lora_and_huggingface_namespaces_are_pinned():
         'SafetensorsCheckpoint',
         'ToPyTorch',
         'from_pytorch',
+        'load',
         'preset',
         'read_peft_adapter',
         'save_peft_adapter',

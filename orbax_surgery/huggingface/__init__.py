@@ -4,6 +4,7 @@ Imports every lower stage (`lora` included); only `cli` imports it.
 """
 
 from orbax_surgery.huggingface.export import Exported, save_safetensors
+from orbax_surgery.huggingface.load import load
 from orbax_surgery.huggingface.peft_adapter import PeftAdapter, read_peft_adapter
 from orbax_surgery.huggingface.peft_save import save_peft_adapter
 from orbax_surgery.huggingface.presets import Preset, preset
@@ -25,6 +26,7 @@ __all__ = [
     'SafetensorsCheckpoint',
     'ToPyTorch',
     'from_pytorch',
+    'load',
     'preset',
     'read_peft_adapter',
     'save_peft_adapter',
