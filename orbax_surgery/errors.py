@@ -6,7 +6,10 @@ from __future__ import annotations
 class SurgeryError(ValueError):
     """Base class: the rules, target or checkpoint cannot give the target tree.
 
-    Catch it to handle every error of this package; it is a `ValueError`.
+    Catch it to handle every error of this package; it is a `ValueError`. A
+    plan's errors also carry `suggestions` (fixes, best first, e.g. a rule to
+    add) and `consequences` (the errors that follow from this one, folded under
+    it: fix this one and they go away).
 
     Example:
         >>> import numpy as np, orbax_surgery as osurg
@@ -16,6 +19,26 @@ class SurgeryError(ValueError):
         ...     print(type(e).__name__)
         ShapeMismatchError
     """
+
+    suggestions: tuple[str, ...] = ()
+    consequences: tuple[SurgeryError, ...] = ()
+
+    def with_details(
+        self,
+        more: str = '',
+        *,
+        before: str = '',
+        suggestions: tuple[str, ...] | None = None,
+        consequences: tuple[SurgeryError, ...] = (),
+    ) -> SurgeryError:
+        """A copy of this error, `before` and `more` around its message, and its details set."""
+        copy = type(self).__new__(type(self))
+        ValueError.__init__(copy, f'{before}{self}{more}')
+        copy.suggestions = self.suggestions if suggestions is None else suggestions
+        copy.consequences = (*self.consequences, *consequences)
+        for note in getattr(self, '__notes__', ()):
+            copy.add_note(note)
+        return copy
 
 
 class RuleError(SurgeryError):
@@ -50,7 +73,7 @@ class UnusedKeyError(SurgeryError):
         >>> osurg.apply_rules({'w': np.ones(2), 'opt': np.ones(2)}, {'w': ...})
         ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        orbax_surgery.errors.UnusedKeyError: 1 checkpoint keys ... 'opt'. ... add Drop('opt'); ...
+        orbax_surgery.errors.UnusedKeyError: 1 checkpoint keys ... add Drop('opt') as the first ...
     """
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
@@ -12,6 +11,7 @@ import jax
 import regex
 
 from orbax_surgery.errors import AmbiguousRuleError, RuleError, SurgeryError
+from orbax_surgery.suggestions import close_keys
 
 KeyPath = str
 PyTree = Any
@@ -201,8 +201,8 @@ def check_template(pattern: re.Pattern[str], template: str, owner: str) -> None:
 
 
 def close_matches(key: str, candidates: Collection[str], n: int = 5) -> list[str]:
-    """Returns up to `n` of `candidates` that look like `key`, best first."""
-    return difflib.get_close_matches(key, list(candidates), n=n, cutoff=0.5)
+    """Returns up to `n` of `candidates` that look like `key`, best first (see `suggestions`)."""
+    return close_keys(key, candidates, n)
 
 
 def did_you_mean(key: str, candidates: Collection[str]) -> str:
@@ -221,18 +221,6 @@ def summarize(keys: Collection[str], limit: int = 5) -> str:
     shown = sorted(keys)[:limit]
     rest = len(keys) - len(shown)
     return _quoted(shown) + (f' and {rest} more' if rest else '')
-
-
-def common_pattern(keys: Collection[str]) -> str:
-    """A regex covering `keys` by their top-level names, for suggested fixes.
-
-    Example:
-        >>> common_pattern(['opt_state/mu/w', 'opt_state/nu/w', 'step'])
-        'opt_state/.*|step'
-    """
-    heads = sorted({k.split(SEP, 1)[0] for k in keys})
-    parts = [re.escape(h) if h in keys else f'{re.escape(h)}{SEP}.*' for h in heads]
-    return '|'.join(parts)
 
 
 def _quoted(keys: Iterable[str]) -> str:

@@ -65,13 +65,6 @@ def test_close_matches_and_summaries_never_dump_everything():
     assert keys.did_you_mean('zzz', candidates) == ''
 
 
-def test_common_pattern_covers_exactly_the_keys():
-    ks = ['opt_state/mu/w', 'opt_state/nu/w', 'step']
-    pattern = keys.common_pattern(ks)
-    assert all(re.fullmatch(pattern, k) for k in ks)
-    assert not re.fullmatch(pattern, 'params/w')
-
-
 def test_numpy_leaves_survive_a_round_trip():
     tree = {'w': np.ones(3), 'n': None, 'e': {}}
     flat, treedef = keys.flatten(tree)

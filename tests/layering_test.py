@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parents[1] / 'orbax_surgery'
 
 # Lowest first. A module may import modules of its own stage or of a lower one.
 STAGES = [
-    ('errors', 'keys', 'locations', 'units'),
+    ('errors', 'keys', 'locations', 'suggestions', 'units'),
     ('arrays',),
     ('rules',),
     ('plan',),

@@ -33,7 +33,9 @@ from typing import Literal
 from orbax_surgery.arrays import expr as ex
 from orbax_surgery.arrays import ops
 from orbax_surgery.errors import RuleError, ShapeMismatchError
+from orbax_surgery.huggingface.pytorch_names import DropPrefix, ModuleLists
 from orbax_surgery.keys import SEP, KeyPath, KeyPattern, compile_pattern
+from orbax_surgery.rules.generated import Generated
 from orbax_surgery.rules.layers import Stack, Unstack
 from orbax_surgery.rules.moves import Drop, Rename
 from orbax_surgery.rules.rule import Entry, Rule, Target, Tree
@@ -205,62 +207,6 @@ class ToPyTorch:
         return (at + renamed, value) if renamed else (key, value)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleLists:
-    """Rule: `nn.ModuleList` entries (`layers/0/...`) as Flax names (`layers_0/...`), or back.
-
-    Attributes:
-        to_flax: The direction: `layers/0` -> `layers_0`, else back.
-        names: Regex of the lists' names. Going back it matters: Flax's own
-            automatic names (`Dense_0`) are not lists.
-
-    Example:
-        >>> import numpy as np
-        >>> from orbax_surgery import apply_rules
-        >>> torch_tree = {'layers': {'0': {'w': np.ones(1)}, '1': {'w': np.ones(1)}}}
-        >>> list(apply_rules(torch_tree, None, [ModuleLists()]))
-        ['layers_0', 'layers_1']
-        >>> flax_tree = {'layers_0': {'w': np.ones(1)}, 'Dense_0': {'w': np.ones(1)}}
-        >>> list(apply_rules(flax_tree, None, [ModuleLists(to_flax=False, names='layers')]))
-        ['Dense_0', 'layers']
-    """
-
-    to_flax: bool = True
-    names: str = r'[^/]+'
-
-    def __post_init__(self):
-        compile_pattern(self.names, repr(self))
-
-    def apply(self, tree: Tree, target: Target) -> dict[KeyPath, Entry]:
-        if self.to_flax:
-            pattern = re.compile(rf'(?:^|(?<=/))({self.names})/(\d+)(?=/|$)')
-            repl = r'\1_\2'
-            self._check_target_keeps_no_lists(pattern, tree, target)
-        else:
-            pattern = re.compile(rf'(?:^|(?<=/))({self.names})_(\d+)(?=/|$)')
-            repl = r'\1/\2'
-        out: dict[KeyPath, Entry] = {}
-        for key, entry in tree.items():
-            out[pattern.sub(repl, key)] = entry
-        return out
-
-    def _check_target_keeps_no_lists(self, lists: re.Pattern[str], tree: Tree, target: Target):
-        """A target with `layers/0/...` keys (Hugging Face's own Flax models) wants lists kept."""
-        kept = [k for k in target if lists.search(k)]
-        flax_names = re.compile(rf'(?:^|(?<=/))({self.names})_(\d+)(?=/|$)')
-        if (
-            kept
-            and any(lists.search(k) for k in tree)
-            and not any(flax_names.search(k) for k in target)
-        ):
-            raise RuleError(
-                f'{self!r} turns module lists such as {next(k for k in tree if lists.search(k))!r} '
-                f'into Flax names (layers_0/...), but the target keeps them as lists, e.g. '
-                f"{kept[0]!r}, as Hugging Face's own Flax models do. Pass layers=None to "
-                'from_pytorch (or leave out ModuleLists).'
-            )
-
-
 def from_pytorch(
     *,
     drop_prefix: str | None = None,
@@ -308,15 +254,22 @@ def from_pytorch(
         (2, 4)
     """
     _check_layers(layers)
-    rules: list[Rule] = [Drop(p) for p in drop]
+    given = {'drop_prefix': drop_prefix, 'add_prefix': add_prefix, 'drop': tuple(drop)}
+    given |= {'layers': layers, 'stacked': stacked}
+    defaults = {'layers': 'unrolled', 'stacked': r'(.*)/{i}/(.*)', 'drop': ()}
+    shown = ', '.join(
+        f'{k}={v!r}' for k, v in given.items() if v is not None and v != defaults.get(k)
+    )
+    by = f'from_pytorch({shown})'
+    rules: list[Rule] = [Generated(Drop(p), by) for p in drop]
     if drop_prefix:
-        rules.append(Rename(f'{re.escape(drop_prefix)}/(.*)', r'\1'))
+        rules.append(DropPrefix(drop_prefix, by))
     if layers == 'unrolled':
-        rules.append(ModuleLists(to_flax=True))
+        rules.append(Generated(ModuleLists(to_flax=True), by))
     elif layers == 'stacked':
-        rules.append(Stack(stacked, r'\1/\2'))
+        rules.append(Generated(Stack(stacked, r'\1/\2'), by))
     if add_prefix:
-        rules.append(Rename('(.*)', f'{add_prefix}/\\1'))
+        rules.append(Generated(Rename('(.*)', f'{add_prefix}/\\1'), by))
     rules.append(FromPyTorch(fan_in_fan_out=fan_in_fan_out, collection=add_prefix))
     return rules
 

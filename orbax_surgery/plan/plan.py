@@ -68,7 +68,9 @@ class Plan:
         sources: The checkpoint's arrays (metadata only), by key.
         unused: Checkpoint keys no target reads, with the key rules renamed them to.
         dropped: Checkpoint keys a rule chose not to read, with that rule.
-        errors: Every problem found; empty when the restore can run.
+        errors: Every problem found, root causes first, each with the errors
+            that follow from it folded under it (`error.consequences`) and its
+            fixes (`error.suggestions`); empty when the restore can run.
         treedef: The target's tree structure.
         target_keys: Target keys in leaf order.
         missing: Target keys nothing fills (Hugging Face's `missing_keys`);
@@ -171,8 +173,15 @@ _MAX_LISTED = 20
 
 
 def format_plan(plan: Plan) -> str:
-    """The plan as a table, then what is not lazy, unused, dropped and wrong."""
+    """The plan: its errors (causes first), a table of steps, what is not lazy, unused, dropped."""
     lines = [_headline(plan), *_reads_line(plan), '']
+    if plan.errors:  # The causes lead; the table and lists below show what follows.
+        lines.append(f'Errors ({len(plan.errors)}), causes first:')
+        for i, e in enumerate(plan.errors, 1):
+            lines.append(f'  {i}. {type(e).__name__}: {e}')
+            if e.suggestions:
+                lines.append(f'     Fix: {e.suggestions[0]}')
+        lines.append('')
     rows = [('target', 'shape', 'dtype', 'from', 'lazy', 'reads here')]
     for step in plan.steps[:_MAX_ROWS]:
         origin = step.expr.describe()
@@ -215,9 +224,6 @@ def format_plan(plan: Plan) -> str:
             by_rule.setdefault(repr(rule), []).append(key)
         lines += ['', f'Left unread by rules ({len(plan.dropped)}):']
         lines += [f'  {rule}: {summarize(keys)}' for rule, keys in by_rule.items()]
-    if plan.errors:
-        lines += ['', f'Errors ({len(plan.errors)}):']
-        lines += [f'  {i}. {type(e).__name__}: {e}' for i, e in enumerate(plan.errors, 1)]
     return '\n'.join(lines)
 
 
@@ -240,14 +246,28 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         'unused': [k for k, _ in plan.unused],
         'dropped': {k: repr(r) for k, r in plan.dropped},
         'errors': [f'{type(e).__name__}: {e}' for e in plan.errors],
+        'error_details': [_error_details(e) for e in plan.errors],
         'checkpoint_bytes': plan.source_bytes,
         'bytes_read_by_process': {str(p): r.chunked for p, r in sorted(plan.reads.items())},
         'bytes_needed_by_process': {str(p): r.needed for p, r in sorted(plan.reads.items())},
     }
 
 
+def _error_details(error: SurgeryError) -> dict[str, Any]:
+    return {
+        'type': type(error).__name__,
+        'message': str(error),
+        'suggestions': list(error.suggestions),
+        'consequences': [f'{type(c).__name__}: {c}' for c in error.consequences],
+    }
+
+
 def _headline(plan: Plan) -> str:
-    status = 'ready' if not plan.errors else f'{len(plan.errors)} error(s)'
+    status = 'ready'
+    if plan.errors:
+        follow = sum(len(e.consequences) for e in plan.errors)
+        status = f'{len(plan.errors)} error(s)'
+        status += f' and {follow} that follow from them' if follow else ''
     return (
         f'Plan ({status}): {len(plan.steps)} target leaves from {len(plan.sources)} checkpoint '
         f'arrays ({format_bytes(plan.source_bytes)})'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,12 +25,15 @@ from orbax_surgery.errors import (
     UnmatchedKeyError,
     UnusedKeyError,
 )
-from orbax_surgery.keys import KeyPath, PyTree, close_matches, common_pattern, nest, summarize
+from orbax_surgery.keys import KeyPath, PyTree, close_matches, nest, summarize
 from orbax_surgery.plan.plan import Plan, Step
+from orbax_surgery.plan.root_causes import Failure, root_causes
+from orbax_surgery.plan.shape_hints import shape_hint
 from orbax_surgery.rules.moves import Fallback
 from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
 from orbax_surgery.rules.rule import Entry, Rule, stored_skeleton
 from orbax_surgery.rules.target import TargetLeaf, read_target
+from orbax_surgery.suggestions import covering_pattern
 
 Rules = Sequence[Rule] | Mapping[str, Any] | Rule
 """Rules in order, one rule, or an Orbax `Transform` tree."""
@@ -66,7 +70,7 @@ def resolve(
     treedef = None
     if target is not None:
         leaves, treedef = read_target(target)
-    errors: list[SurgeryError] = []
+    failures: list[Failure] = []
     dropped: dict[KeyPath, Rule] = {}
     checked = checked_rules(rules)
     history: list[tuple[KeyPath, ...]] = []  # The keys before each rule, for order hints.
@@ -76,41 +80,44 @@ def resolve(
         try:
             tree = rule.apply(tree, leaves)
         except UnmatchedKeyError as e:
-            errors.append(_with_order_hint(e, i, checked, history))
+            failures.append(Failure(i, rule, _with_order_hint(e, i, checked, history)))
             continue
         except SurgeryError as e:
-            errors.append(e)
+            failures.append(Failure(i, rule, e))
             continue
         for key in sorted(before - _refs(e.expr for e in tree.values())):
             dropped.setdefault(key, rule)
-    for rule in checked:  # A preset also fills, once more, what later rules made fillable.
+    for i, rule in enumerate(checked):  # A preset fills, once more, what later rules made fillable.
         settle = getattr(rule, 'settle', None)
         if settle is not None and any(k not in tree for k in leaves):
             try:
                 tree = settle(tree, leaves)
             except SurgeryError as e:
-                errors.append(e)
+                failures.append(Failure(i, rule, e))
     if target is None:  # In the stored containers where they are known, else nested dicts.
         skeleton = stored_skeleton(tree)
         inferred = skeleton.build({}, lambda _: ...) if skeleton else nest(dict.fromkeys(tree, ...))
         leaves, treedef = read_target(inferred)
     steps = []
-    missing = []
+    missing: dict[KeyPath, SurgeryError] = {}
+    mismatches: list[tuple[KeyPath, SurgeryError, str]] = []
+    context = _Context(leaves, sources)
     for key, leaf in leaves.items():
         entry = tree.get(key)
         if entry is None:
-            errors.append(_missing(key, tree, sources))
-            missing.append(key)
+            missing[key] = _missing(key, tree, sources)
             continue
         try:
-            steps.append(Step(_resolve_leaf(leaf, entry.expr), entry.expr, entry.via))
+            steps.append(Step(_resolve_leaf(leaf, entry.expr, context), entry.expr, entry.via))
+        except _Mismatch as e:
+            mismatches.append((key, e.error, e.kind))
         except SurgeryError as e:
-            errors.append(e)
+            mismatches.append((key, e, 'other'))
     # A leaf that fails on shape or dtype still names its sources: they are not "unused".
     used = _refs(tree[k].expr for k in leaves if k in tree)
     unused = _unused(tree, sources, used, dropped)
-    if unused:
-        errors.append(_unused_error(unused))
+    unused_error = _unused_error(unused, sources) if unused else None
+    errors = root_causes(failures, missing, mismatches, unused, unused_error, tuple(tree))
     return Plan(
         steps=tuple(steps),
         sources=sources,
@@ -171,7 +178,31 @@ def _refs(exprs: Iterable[ex.Expr]) -> set[KeyPath]:
     return {s.key for e in exprs for s in e.sources()}
 
 
-def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
+class _Mismatch(Exception):
+    """A leaf's shape or dtype differs: the error, and how (errors alike group together)."""
+
+    def __init__(self, error: SurgeryError, kind: str):
+        super().__init__(str(error))
+        self.error, self.kind = error, kind
+
+
+@dataclasses.dataclass
+class _Context:
+    """The shapes on both sides, to say what a differing size is (read only when one differs)."""
+
+    leaves: Mapping[KeyPath, TargetLeaf]
+    sources: Mapping[KeyPath, ex.Source]
+
+    @functools.cached_property
+    def target_shapes(self) -> dict[KeyPath, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.leaves.items() if v.shape is not None}
+
+    @functools.cached_property
+    def source_shapes(self) -> dict[KeyPath, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.sources.items()}
+
+
+def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr, context: _Context | None = None) -> TargetLeaf:
     if leaf.inferred:
         key_impl = value.key_impl if isinstance(value, ex.Source) else None
         leaf = dataclasses.replace(
@@ -181,15 +212,26 @@ def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr) -> TargetLeaf:
         return leaf
     assert leaf.shape is not None and leaf.dtype is not None, f'unresolved {leaf.key!r}'
     if value.shape != leaf.shape:
-        raise ShapeMismatchError(
+        hint, kind = '', 'other'
+        fixes: tuple[str, ...] = ()
+        if context is not None:
+            hint, fixes, kind = shape_hint(
+                leaf.key, leaf.shape, value.shape, context.target_shapes, context.source_shapes
+            )
+        shape_error = ShapeMismatchError(
             f'Target {leaf.key!r} has shape {leaf.shape}, but {value.describe()!r} gives '
-            f'{value.shape}.{_shape_hint(leaf.shape, value.shape)}'
+            f'{value.shape}.{hint}'
         )
+        shape_error.suggestions = fixes
+        raise _Mismatch(shape_error, f'shape {kind}')
     if value.dtype != leaf.dtype:
-        raise DtypeMismatchError(
+        cast = f'Cast({re.escape(leaf.key)!r}, {leaf.dtype.name!r})'
+        error = DtypeMismatchError(
             f'Target {leaf.key!r} has dtype {leaf.dtype}, but {value.describe()!r} gives '
-            f'{value.dtype}. Cast it on purpose: Cast({leaf.key!r}, {leaf.dtype.name!r}).'
+            f'{value.dtype}. Cast it on purpose: {cast}.'
         )
+        error.suggestions = (cast,)
+        raise _Mismatch(error, f'dtype {value.dtype}->{leaf.dtype}')
     leaf = dataclasses.replace(leaf, kind=leaf.kind or value.kind)
     _check_jax_dtype(leaf, value)
     return leaf
@@ -224,25 +266,22 @@ def _x64_hint(dtype: np.dtype) -> str:
     return f' (it would silently become {canonical}: jax_enable_x64 is off)'
 
 
-def _shape_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:
-    if sorted(want) == sorted(got) and len(want) > 1:
-        return ' The same sizes in another order: a Transpose rule?'
-    if np.prod(want) == np.prod(got):
-        return ' The same number of elements: a Reshape rule?'
-    if len(want) == len(got) and sum(a != b for a, b in zip(want, got, strict=True)) == 1:
-        return ' One axis differs: a different layer count or vocabulary size?'
-    return ''
-
-
 def _missing(
     key: KeyPath, tree: Mapping[KeyPath, Entry], sources: Mapping[KeyPath, ex.Source]
 ) -> UnmatchedKeyError:
-    near = close_matches(key, tree) or close_matches(key, sources)
-    hint = f' Close keys: {", ".join(map(repr, near))}.' if near else ''
-    return UnmatchedKeyError(
-        f'Nothing fills target {key!r}: no checkpoint key has that name after the rules.{hint} '
-        f'Add a Rename, or {Fallback(key)!r} to keep the target value.'
+    near = close_matches(key, tree, 3) or close_matches(key, sources, 3)
+    keep = f'{Fallback(key)!r}'
+    if near:
+        rename = f'Rename({re.escape(near[0])!r}, {key!r})'
+        others = f' (then {", ".join(map(repr, near[1:]))})' if near[1:] else ''
+        hint = f' Closest: {near[0]!r}{others}. Add {rename}, or {keep} to keep the target value.'
+    else:
+        hint = f' Add a Rename, or {keep} to keep the target value.'
+    error = UnmatchedKeyError(
+        f'Nothing fills target {key!r}: no checkpoint key has that name after the rules.{hint}'
     )
+    error.suggestions = (rename, keep) if near else (keep,)
+    return error
 
 
 def _unused(
@@ -259,14 +298,19 @@ def _unused(
     return tuple((k, renamed.get(k, k)) for k in left)
 
 
-def _unused_error(unused: Sequence[tuple[KeyPath, KeyPath]]) -> UnusedKeyError:
+def _unused_error(
+    unused: Sequence[tuple[KeyPath, KeyPath]], sources: Mapping[KeyPath, ex.Source]
+) -> UnusedKeyError:
     keys = [k for k, _ in unused]
     renamed = [f'{k!r} (renamed {v!r})' for k, v in unused if k != v][:3]
     also = f' Renamed by the rules: {", ".join(renamed)}.' if renamed else ''
-    return UnusedKeyError(
+    drop = f'Drop({covering_pattern(keys, set(sources) - set(keys))!r})'
+    error = UnusedKeyError(
         f'{len(keys)} checkpoint keys are read by no target: {summarize(keys)}.{also} '
-        f'If that is meant, add Drop({common_pattern(keys)!r}); otherwise fix the rules.'
+        f'If that is meant, add {drop} as the first rule; otherwise fix the rules.'
     )
+    error.suggestions = (drop,)
+    return error
 
 
 def checked_rules(rules: Rules) -> tuple[Rule, ...]:

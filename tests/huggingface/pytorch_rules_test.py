@@ -444,5 +444,5 @@ def test_a_rule_after_the_preset_written_for_raw_names_says_where_to_move_it():
     message = str(plan.errors[0])
     assert isinstance(plan.errors[0], osurg.UnmatchedKeyError)
     assert "It matches 'model/layers/0/self_attn/q_proj/weight'" in message
-    assert "before rules[0] Rename(pattern='model/(.*)'" in message
+    assert "before rules[0] from_pytorch(drop_prefix='model') changed them" in message
     assert 'put rules[3] before rules[0]' in message
