@@ -96,7 +96,8 @@ def preset(
         layers: 'unrolled' or 'stacked' (scanned) layers in the Flax layout.
         dtype: The target's dtype; the config's `dtype` (`torch_dtype`) by default.
         to: 'flax', the canonical Flax layout (see `architectures`), or 'maxtext',
-            MaxText's parameter tree (Llama, Mistral and Gemma; see `maxtext`).
+            MaxText's parameter tree (Llama, Mistral, Gemma, Gemma 2, Qwen 2, Qwen 3
+            and Mixtral; see `maxtext`).
 
     Raises:
         RuleError: an unknown `model_type` (the message lists the known ones) or
@@ -133,10 +134,17 @@ def preset(
             ),
             export_rules=(
                 *maxtext.to_flax(family, sizes, data, stacked),
-                *_export_rules(family, sizes, 'unrolled', with_head=family.name != 'gemma'),
+                *_export_rules(
+                    family, sizes, 'unrolled', with_head=maxtext.keeps_head(family, sizes)
+                ),
             ),
             target=_layered(
-                maxtext.shapes(family, sizes), 'layers', sizes.layers, stacked, 1, dtype
+                maxtext.shapes(family, sizes),
+                'layers',
+                maxtext.layer_count(family, sizes),
+                stacked,
+                1,
+                dtype,
             ),
             to=to,
         )
@@ -225,7 +233,7 @@ def _export_rules(
     family: Family, s: Sizes, layers: LayerLayout, *, with_head: bool = True
 ) -> list[Rule]:
     """The canonical Flax layout -> Hugging Face's; `with_head=False` where a tied layout
-    keeps no head (MaxText's Gemma), so there is none to drop."""
+    keeps no head (MaxText's Gemma and tied Qwen), so there is none to drop."""
     rules: list[Rule] = []
     if s.tied and family.head and with_head:
         rules.append(Drop(f'{family.head}/kernel'))  # Hugging Face ties it to the embedding.

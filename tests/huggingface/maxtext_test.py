@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import hf_models
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -43,6 +44,10 @@ MODELS = {  # Our case -> (model_type, config overrides, the harness's --model)
     'llama3.1': ('llama', {'rope_parameters': LLAMA31_ROPE}, 'llama3.1'),
     'mistral': ('mistral', {}, 'mistral'),
     'gemma': ('gemma', {}, 'gemma'),
+    'gemma2': ('gemma2', {'num_hidden_layers': 4}, 'gemma2'),  # MaxText pairs them: 2 layers.
+    'qwen2': ('qwen2', {}, 'qwen2'),
+    'qwen3': ('qwen3', {'tie_word_embeddings': True}, 'qwen3'),  # Tied, as Qwen3-0.6B.
+    'mixtral': ('mixtral', {}, 'mixtral'),
 }
 
 
@@ -94,7 +99,69 @@ def test_the_maxtext_layout_scanned_on_axis_one():
         osurg.huggingface.preset(hf_models.tiny_config('phi3'), to='maxtext')
 
 
-@pytest.mark.parametrize('case', ['llama3.1', 'gemma'])
+def test_gemma2_qwen_and_mixtral_maxtext_layouts_scanned_on_axis_one():
+    def decoder(model_type, layers='stacked', **overrides):
+        config = hf_models.tiny_config(model_type, **overrides)
+        p = osurg.huggingface.preset(config, layers=layers, to='maxtext')
+        return p.target['params']['params']['decoder']
+
+    gemma2 = decoder('gemma2', num_hidden_layers=4)['layers']  # 2 MaxText layers of 2.
+    assert gemma2['self_attention_local']['query']['kernel'].shape == (64, 2, 4, 16)
+    assert gemma2['self_attention_global']['out']['kernel'].shape == (4, 2, 16, 64)
+    assert gemma2['mlp_global']['wo']['kernel'].shape == (128, 2, 64)
+    norms = ('pre_self_attention_norm', 'post_self_attention_norm', 'pre_ffw_norm', 'post_ffw_norm')
+    modules = ('mlp', 'self_attention', *norms)
+    assert sorted(gemma2) == sorted(f'{m}_{half}' for m in modules for half in ('local', 'global'))
+    assert gemma2['post_ffw_norm_local']['scale'].shape == (64, 2)
+    assert sorted(decoder('gemma2', 'unrolled', num_hidden_layers=4)) == [
+        'decoder_norm',
+        'layers_0',
+        'layers_1',
+    ]
+    with pytest.raises(osurg.RuleError, match='3 layers, an odd number'):
+        decoder('gemma2', num_hidden_layers=3)
+
+    qwen2 = decoder('qwen2')
+    attention = qwen2['layers']['self_attention']
+    assert attention['query']['bias'].shape == (4, 2, 16)  # (H, L, D)
+    assert attention['value']['bias'].shape == (2, 2, 16)
+    assert sorted(attention['out']) == ['kernel']  # Qwen 2 has no o_proj bias.
+    assert qwen2['logits_dense']['kernel'].shape == (64, 128)  # Untied.
+    qwen3 = decoder('qwen3', tie_word_embeddings=True)
+    assert qwen3['layers']['self_attention']['query_norm']['scale'].shape == (16, 2)  # (D, L)
+    assert qwen3['layers']['self_attention']['key_norm']['scale'].shape == (16, 2)
+    assert 'logits_dense' not in qwen3  # Tied: MaxText's logits_via_embedding.
+
+    moe = decoder('mixtral')['layers']['MoeBlock_0']  # 4 experts: X.
+    assert moe['gate']['kernel'].shape == (64, 2, 4)  # (E, L, X)
+    assert moe['wi_0'].shape == moe['wi_1'].shape == (4, 2, 64, 128)  # (X, L, E, F)
+    assert moe['wo'].shape == (4, 2, 128, 64)
+    unrolled = decoder('mixtral', 'unrolled')['layers_1']['MoeBlock_0']
+    assert unrolled['wi_0'].shape == (4, 64, 128)
+
+
+@pytest.mark.parametrize('layers', ['unrolled', 'stacked'])
+def test_gemma2_maxtext_layer_i_holds_hugging_face_layers_2i_and_2i_plus_1(saved, layers):
+    path, _ = saved('gemma2')
+    p = osurg.huggingface.preset(path, layers=layers, to='maxtext')
+    decoder = osurg.restore(path, p.target, p.import_rules)['params']['params']['decoder']
+    stored = load_file(path / 'model.safetensors')
+    scale = np.float32(24**-0.5)  # query_pre_attn_scalar, not head_dim (16).
+    for i in range(2):
+        for half, n in (('local', 2 * i), ('global', 2 * i + 1)):
+            if layers == 'stacked':
+                layer = jax.tree.map(lambda x, i=i: np.asarray(x)[:, i], decoder['layers'])
+            else:
+                layer = decoder[f'layers_{i}']
+            hf = f'model.layers.{n}.'
+            wo = np.asarray(layer[f'mlp_{half}']['wo']['kernel'])
+            np.testing.assert_array_equal(wo, stored[hf + 'mlp.down_proj.weight'].T)
+            query = np.asarray(layer[f'self_attention_{half}']['query']['kernel'])
+            want = stored[hf + 'self_attn.q_proj.weight'].T.reshape(64, 4, 16) * scale
+            np.testing.assert_allclose(query, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('case', ['llama3.1', 'gemma', 'gemma2', 'qwen2', 'qwen3', 'mixtral'])
 @pytest.mark.parametrize('layers', ['unrolled', 'stacked'])
 def test_export_from_maxtext_gives_back_the_stored_tensors(saved, case, layers):
     path, _ = saved(case)
@@ -102,7 +169,7 @@ def test_export_from_maxtext_gives_back_the_stored_tensors(saved, case, layers):
     plan = osurg.plan_restore(path, p.target, p.import_rules)
     assert plan.errors == () and all(step.lazy for step in plan.steps), str(plan)
     params = osurg.restore(path, p.target, p.import_rules)
-    if case == 'gemma':  # Norms store 1 + w, the embedding sqrt(E) * w.
+    if case in ('gemma', 'gemma2'):  # Norms store 1 + w, the embedding sqrt(E) * w.
         stored = load_file(path / 'model.safetensors')
         norm = np.asarray(params['params']['params']['decoder']['decoder_norm']['scale'])
         np.testing.assert_allclose(norm, stored['model.norm.weight'] + 1, rtol=1e-6)
@@ -134,9 +201,11 @@ def test_maxtexts_own_forward_pass_gives_pytorchs_logits(saved, tmp_path, case, 
     args = [MAXTEXT_PYTHON, HARNESS, '--model', model, '--params', out / '0' / 'items']
     args += ['--config-json', path / 'config.json', '--scan', str(layers == 'stacked').lower()]
     args += ['--ids', tmp_path / 'ids.json', '--out', tmp_path / 'logits.npy']
-    if case == 'gemma':  # MaxText casts a tied embedding to bfloat16 for the logits; not here.
-        args.append('--fp32-tied-logits')
+    if 'logits_dense' not in p.target['params']['params']['decoder']:
+        args.append('--fp32-tied-logits')  # MaxText casts a tied embedding to bfloat16; not here.
     env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
     done = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), want, rtol=1e-5, atol=1e-5)
+    got = np.load(tmp_path / 'logits.npy')
+    print(f'{case} {layers}: max |logits diff| {np.abs(got - want).max():.2e}')  # -rP shows it.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
