@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from etils import epath
 
 from orbax_surgery import locations
 from orbax_surgery.arrays.expr import Source
+from orbax_surgery.cli.folding import fold_layers
 from orbax_surgery.errors import CheckpointNotFoundError
 from orbax_surgery.keys import SEP, did_you_mean
 from orbax_surgery.units import format_bytes
@@ -116,29 +118,32 @@ def item_path(path: epath.PathLike, *, step: int | None = None, item: str | None
     return str(p / item)
 
 
-def format_description(d: Mapping[str, Any]) -> str:
-    """The text form of `describe`'s dict: a tree of keys with shapes, dtypes and bytes."""
+def format_description(d: Mapping[str, Any], *, all_layers: bool = False) -> str:
+    """The text form of `describe`'s dict: a tree of keys with shapes, dtypes and bytes.
+
+    Alike numbered layers print once, as `layers_{0..31}/`, unless `all_layers`.
+    """
     if d['kind'] == 'manager':
         steps = ', '.join(map(str, d['steps'])) or 'none finalized'
         lines = [f'CheckpointManager directory {d["path"]}', f'  steps: {steps}']
         if d['unfinalized']:
             lines.append(f'  unfinalized (interrupted or running saves): {d["unfinalized"]}')
         lines.append(f'  showing step {d["step"]}, items: {", ".join(d["items"]) or "none"}')
-        return '\n'.join(lines + _items_text(d['items']))
+        return '\n'.join(lines + _items_text(d['items'], all_layers))
     if d['kind'] == 'step':
         lines = [f'Step directory {d["path"]}, items: {", ".join(d["items"])}']
-        return '\n'.join(lines + _items_text(d['items']))
-    return _item_text(d)
+        return '\n'.join(lines + _items_text(d['items'], all_layers))
+    return _item_text(d, all_layers)
 
 
-def _items_text(items: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _items_text(items: Mapping[str, Mapping[str, Any]], all_layers: bool) -> list[str]:
     lines = []
     for name, item in items.items():
-        lines += ['', f'[{name}] ' + _item_text(item)]
+        lines += ['', f'[{name}] ' + _item_text(item, all_layers)]
     return lines
 
 
-def _item_text(d: Mapping[str, Any]) -> str:
+def _item_text(d: Mapping[str, Any], all_layers: bool) -> str:
     if d['kind'] == 'other':
         return f'{d["path"]}: not an Orbax PyTree item; files: {", ".join(d["files"])}'
     total = format_bytes(d['bytes'])
@@ -162,7 +167,8 @@ def _item_text(d: Mapping[str, Any]) -> str:
     if d.get('lora'):
         lines.append(f'  saved by LoraSave: {_lora_text(d["lora"])}')
     lines.append('')
-    lines += _tree_table(d['arrays'], chunks=d['kind'] == 'orbax')
+    arrays = d['arrays'] if all_layers else fold_layers(d['arrays'])
+    lines += _tree_table(arrays, chunks=d['kind'] == 'orbax')
     return '\n'.join(lines)
 
 
@@ -173,17 +179,19 @@ def _lora_text(layout: Mapping[str, Any]) -> str:
 
 
 def _tree_table(arrays: Sequence[Mapping[str, Any]], *, chunks: bool) -> list[str]:
-    """Keys as an indented tree, each directory with its total bytes."""
+    """Keys as an indented tree in natural order (`layers_2` before `layers_10`), each
+    directory with its total bytes; an entry standing for `count` alike arrays shows
+    `count ×` one array's bytes."""
     totals: dict[str, int] = {}
     for a in arrays:
         parts = a['key'].split(SEP)
         for n in range(1, len(parts)):
             prefix = SEP.join(parts[:n])
-            totals[prefix] = totals.get(prefix, 0) + a['bytes']
+            totals[prefix] = totals.get(prefix, 0) + a['bytes'] * a.get('count', 1)
     header = ['key', 'shape', 'dtype'] + (['chunks'] if chunks else []) + ['bytes']
     rows = [header]
     shown: set[str] = set()
-    for a in sorted(arrays, key=lambda a: a['key'].split(SEP)):
+    for a in sorted(arrays, key=lambda a: [_natural(p) for p in a['key'].split(SEP)]):
         parts = a['key'].split(SEP)
         for n in range(1, len(parts)):
             prefix = SEP.join(parts[:n])
@@ -195,13 +203,21 @@ def _tree_table(arrays: Sequence[Mapping[str, Any]], *, chunks: bool) -> list[st
         row = [name, _shape(a['shape']), a['dtype']]
         if chunks:
             row.append(_shape(a['chunk_shape']) if a['chunk_shape'] is not None else '-')
-        rows.append(row + [_size(a['bytes'])])
+        count = a.get('count', 1)
+        rows.append(row + [(f'{count} × ' if count > 1 else '') + _size(a['bytes'])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     out = []
     for r in rows:
         cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)]
         out.append('  ' + '  '.join(cells + [r[-1].rjust(widths[-1])]).rstrip())
     return out
+
+
+def _natural(part: str) -> list[Any]:
+    """A sort key with numbers as numbers (text and int alternate, text first), and
+    folded layers (`layers_{0..3,5..31}`) where their first layer would be."""
+    part = re.sub(r'\{(\d+)[^}]*\}', r'\1', part)
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r'(\d+)', part))]
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -1,15 +1,24 @@
-"""The `orbax-surgery` command line: inspect, plan and convert checkpoints, and a demo."""
+"""The `orbax-surgery` command line: inspect, plan and convert checkpoints, and a demo.
+
+Parsing imports nothing heavy: `--help` answers at once, and the status line
+shows before JAX loads. A command's module is imported once it runs.
+"""
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import gc
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from orbax_surgery.cli.commands import convert_command, demo_command, inspect_command, plan_command
+from orbax_surgery.cli.progress import Status
 from orbax_surgery.errors import SurgeryError
-from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES
-from orbax_surgery.units import format_bytes, parse_bytes
+from orbax_surgery.units import parse_bytes
 
 _SIZE_HELP = 'bytes, or with a unit: 512M, 2G (binary), 500MB, 5GB (decimal), 512MiB'
 
@@ -67,7 +76,8 @@ safetensors shards. Array data is read and written a budget's worth at a
 time (--max-inflight-bytes), with a progress bar on stderr. The destination
 appears only once complete: an interrupted convert leaves no DST (only a
 DST.converting-* directory, removed by the next convert to DST), and running
-it again works. An existing DST is refused unless --overwrite, which
+it again works; Ctrl-C stops it with exit status 130 and one line saying
+what it left. An existing DST is refused unless --overwrite, which
 replaces it only once the new one is complete (in one atomic swap on Linux;
 elsewhere a kill at that moment can leave the old one at DST.replaced-*,
 which `inspect DST` points to and the next convert to DST removes). With
@@ -96,7 +106,9 @@ example:
   orbax-surgery demo --dir /tmp/surgery-demo   # keep the checkpoint
 """
 
-_DEFAULT_BUDGET = format_bytes(DEFAULT_MAX_INFLIGHT_BYTES).replace('.0 ', ' ')
+# read.materialize.DEFAULT_MAX_INFLIGHT_BYTES, written out so that `--help` needs no JAX;
+# tests/cli/progress_test.py checks that the two agree.
+DEFAULT_BUDGET = '128 MiB'
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,16 +120,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == 'convert' and args.max_shard_size is not None and args.to != 'safetensors':
         parser.error('--max-shard-size is for --to safetensors.')
+    status = Status(quiet=getattr(args, 'quiet', False))
     try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print('orbax-surgery: interrupted', file=sys.stderr)
-        return 130
+        with _interrupts_kept():
+            return _run(args, status)
+    except KeyboardInterrupt as e:  # At any point, JAX's import included: one line, no traceback.
+        status.clear()
+        notes = '; '.join(getattr(e, '__notes__', ()))
+        print(
+            f'orbax-surgery {args.command}: interrupted while {status.doing}'
+            + (f'; {notes}.' if notes else '.'),
+            file=sys.stderr,
+        )
+    except BrokenPipeError:  # `orbax-surgery inspect ... | head`: the reader has had enough.
+        sys.stdout = open(os.devnull, 'w')  # Python flushes stdout at exit.
+        return 141
     except Exception as e:
+        status.clear()
         if args.debug:
             raise
         print(f'orbax-surgery {args.command}: error: {_message(e)}', file=sys.stderr)
         return 2
+    finally:
+        status.clear()
+    _drop_interrupted_work()  # Here, once the interrupt and its frames are gone.
+    return 130
+
+
+def _drop_interrupted_work() -> None:
+    """Frees the work an interrupt cut short with asyncio's log muted: its tasks would
+    otherwise log their KeyboardInterrupt, traceback and all, as 'never retrieved'."""
+    log = logging.getLogger('asyncio')
+    muted, log.disabled = log.disabled, True
+    try:
+        gc.collect()
+    finally:
+        log.disabled = muted
+
+
+def _run(args: argparse.Namespace, status: Status) -> int:
+    """Runs the parsed command, importing it (and with it JAX) only now."""
+    status.show('loading JAX and Orbax')
+    if args.command == 'convert':
+        try:
+            from orbax_surgery.cli.convert import convert_command
+        except KeyboardInterrupt as e:
+            e.add_note('nothing was written')
+            raise
+
+        return convert_command(args, status)
+    from orbax_surgery.cli import commands
+
+    if args.command == 'demo':
+        status.clear()  # The demo prints as it goes.
+        return commands.demo_command(args.dir, args.devices)
+    if args.command == 'inspect':
+        return commands.inspect_command(args, status)
+    return commands.plan_command(args, status)
+
+
+@contextmanager
+def _interrupts_kept() -> Iterator[None]:
+    """Delivers again a Ctrl-C that hit code Python cannot raise from.
+
+    One that lands in JAX's garbage-collection callback (or a `__del__`) is
+    otherwise printed as 'Exception ignored' and lost, and the command runs on.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # Later, from another thread: raised in the main code once this callback is over.
+            again = threading.Timer(0.05, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,13 +226,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = command('inspect', 'show what a checkpoint holds (metadata only)', _INSPECT_HELP)
     inspect.add_argument('path', metavar='PATH')
     inspect.add_argument('--step', type=int, help='step of a CheckpointManager directory')
-    inspect.add_argument('--json', action='store_true', help='print JSON, for scripts')
-    inspect.set_defaults(run=inspect_command)
+    inspect.add_argument(
+        '--json', action='store_true', help='print JSON, for scripts (every array, unfolded)'
+    )
+    inspect.add_argument(
+        '--all-layers',
+        action='store_true',
+        help='list every layer; by default alike numbered layers print once, as layers_{0..31}/',
+    )
 
     plan = command('plan', 'print the plan of a conversion (reads no array data)', _PLAN_HELP)
     _source_arguments(plan)
     plan.add_argument('--json', action='store_true', help='print the plan as JSON')
-    plan.set_defaults(run=plan_command)
 
     convert = command('convert', 'run the surgery and write the result', _CONVERT_HELP)
     _source_arguments(convert)
@@ -164,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         default=None,
         metavar='SIZE',
-        help=f'host memory for data in flight (default {_DEFAULT_BUDGET}); {_SIZE_HELP}',
+        help=f'host memory for data in flight (default {DEFAULT_BUDGET}); {_SIZE_HELP}',
     )
     convert.add_argument(
         '--max-shard-size',
@@ -191,7 +280,12 @@ def _parser() -> argparse.ArgumentParser:
         help='check every block read against the checksums SRC was saved with',
     )
     convert.add_argument('--quiet', '-q', action='store_true', help='no progress bar or summary')
-    convert.set_defaults(run=convert_command)
+    convert.add_argument(
+        '--json',
+        action='store_true',
+        help='print the result as JSON on stdout: written, destination, format, step, arrays, '
+        'bytes, seconds (or written: false and the plan errors)',
+    )
 
     demo = command('demo', 'save, plan and restore with surgery, then check the values', _DEMO_HELP)
     demo.add_argument('--dir', help='directory for the demo checkpoint (default: a temporary one)')
@@ -201,7 +295,6 @@ def _parser() -> argparse.ArgumentParser:
         default=8,
         help='CPU devices to simulate when no accelerator is present (default: 8)',
     )
-    demo.set_defaults(run=lambda args: demo_command(args.dir, args.devices))
     return parser
 
 

@@ -197,7 +197,7 @@ def test_convert_orbax_unstacked_refuses_an_existing_destination(root, tmp_path)
     dst = tmp_path / 'unrolled'
     result = ok(run('convert', root / '5' / 'default', dst, '--rules', rules))
     assert result.stdout.startswith(f'Wrote {dst} (Orbax checkpoint): 9 arrays, 3.1 KiB')
-    assert 'writing' in result.stderr and '3.1/3.1 KiB' in result.stderr
+    assert 'converting' in result.stderr and '3.1 KiB / 3.1 KiB' in result.stderr
     tree = restored(dst)
     assert sorted(tree) == ['embed', 'layers_0', 'layers_1', 'layers_2', 'layers_3']
     layers = SCANNED['params']['layers']
