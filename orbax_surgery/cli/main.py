@@ -158,9 +158,17 @@ def _drop_interrupted_work() -> None:
         log.disabled = muted
 
 
+def complete_package_import() -> None:
+    """Runs `orbax_surgery/__init__` where the console script deferred it (`orbax_surgery_cli`)."""
+    package = sys.modules['orbax_surgery']
+    if not hasattr(package, '__all__') and package.__spec__ and package.__spec__.loader:
+        package.__spec__.loader.exec_module(package)
+
+
 def _run(args: argparse.Namespace, status: Status) -> int:
     """Runs the parsed command, importing it (and with it JAX) only now."""
     status.show('loading JAX and Orbax')
+    complete_package_import()
     if args.command == 'convert':
         try:
             from orbax_surgery.cli.convert import convert_command

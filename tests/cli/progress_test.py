@@ -180,7 +180,7 @@ def test_a_ctrl_c_lost_in_a_callback_is_delivered_again(src, capsys, monkeypatch
 def test_help_imports_no_jax_and_the_default_budget_is_right():
     code = textwrap.dedent("""
         import contextlib, io, sys
-        from orbax_surgery.cli.main import main
+        from orbax_surgery_cli import main  # The console script's entry point.
         for argv in (['--help'], ['convert', '--help'], ['inspect', '--help']):
             with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
                 main(argv)
