@@ -4,7 +4,7 @@ Orbax's next API, `orbax.checkpoint.experimental.v1`, is experimental: a
 release may move or rename what `orbax_surgery.orbax.v1_handler` relies on.
 Every such name is listed in `PINNED` and looked up once, here, when the
 package is imported. If v1 is missing, or any pinned name is, the v1
-integration is skipped (`REASON` says why, and it is logged) and the rest of
+integration is skipped (`REASON` says why, and a warning is logged) and the rest of
 the package works as before; `tests/orbax/v1_surface_test.py` then fails with
 the names that moved.
 """
@@ -55,8 +55,8 @@ def _look_up(pinned: tuple[tuple[str, str], ...]) -> tuple[dict[str, Any], list[
 _FOUND, MISSING, REASON = _look_up(PINNED)
 AVAILABLE: bool = REASON is None
 if not AVAILABLE:
-    _log.info(
-        'orbax_surgery: Orbax v1 integration skipped (%s); SurgeryRestore and LoraRestore '
+    _log.warning(
+        'Orbax v1 integration skipped (%s); SurgeryRestore and LoraRestore '
         'still work through Orbax v0 (CheckpointManager, ocp.Checkpointer).',
         REASON,
     )
