@@ -139,6 +139,9 @@ def test_the_state_name_is_bound_to_v1s_pytree_handler_for_saving(tmp_path):
     """v1 registers its PyTreeHandler under 'state', and a name beats the type when saving."""
     with pytest.raises(Exception, match='SurgerySave'):
         v1.save_checkpointables(tmp_path / 'ckpt', {'state': osurg.SurgerySave(item=STATE)})
+    with v1.training.Checkpointer(tmp_path / 'run') as ckptr:
+        with pytest.raises(Exception, match='SurgerySave'):
+            ckptr.save(1, osurg.SurgerySave(item=STATE))
     gc.collect()  # v1's dropped coroutine warns here, under this test's filters.
 
 
