@@ -29,6 +29,7 @@ from orbax_surgery.huggingface import (
     to_pytorch,
 )
 from orbax_surgery.lora import (
+    LoraCheckpointableHandler,
     LoraCheckpointHandler,
     LoraLayout,
     LoraRestore,
@@ -43,6 +44,7 @@ from orbax_surgery.orbax.surgery_handler import (
     SurgeryRestore,
     SurgerySave,
 )
+from orbax_surgery.orbax.v1_handler import SurgeryCheckpointableHandler
 from orbax_surgery.plan.plan import Plan, Step
 from orbax_surgery.plan.resolve import resolve
 from orbax_surgery.read.materialize import apply_rules, materialize
@@ -76,6 +78,7 @@ __all__ = [
     'Fallback',
     'FromPyTorch',
     'LoraCheckpointHandler',
+    'LoraCheckpointableHandler',
     'LoraLayout',
     'LoraMismatchError',
     'LoraRestore',
@@ -101,6 +104,7 @@ __all__ = [
     'Stack',
     'Step',
     'SurgeryCheckpointHandler',
+    'SurgeryCheckpointableHandler',
     'SurgeryError',
     'SurgeryRestore',
     'SurgerySave',

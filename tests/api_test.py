@@ -26,6 +26,7 @@ def test_public_api_is_pinned():
         'Fallback',
         'FromPyTorch',
         'LoraCheckpointHandler',
+        'LoraCheckpointableHandler',
         'LoraLayout',
         'LoraMismatchError',
         'LoraRestore',
@@ -51,6 +52,7 @@ def test_public_api_is_pinned():
         'Stack',
         'Step',
         'SurgeryCheckpointHandler',
+        'SurgeryCheckpointableHandler',
         'SurgeryError',
         'SurgeryRestore',
         'SurgerySave',
@@ -82,6 +84,7 @@ def test_the_lora_and_huggingface_namespaces_are_pinned():
     assert set(orbax_surgery.lora.__all__) == {
         'Adapter',
         'LoraCheckpointHandler',
+        'LoraCheckpointableHandler',
         'LoraLayout',
         'LoraRestore',
         'LoraSave',

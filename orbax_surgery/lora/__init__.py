@@ -11,10 +11,12 @@ from orbax_surgery.lora.handler import (
 from orbax_surgery.lora.layout import LoraLayout
 from orbax_surgery.lora.merge import LowRankUpdate, MergeAdapters
 from orbax_surgery.lora.spec import LoraSpec, LoraTarget
+from orbax_surgery.lora.v1_handler import LoraCheckpointableHandler
 
 __all__ = [
     'Adapter',
     'LoraCheckpointHandler',
+    'LoraCheckpointableHandler',
     'LoraLayout',
     'LoraRestore',
     'LoraSave',

@@ -76,7 +76,7 @@ class LoraCheckpointHandler(PyTreeItemHandler):
             return self._impl.restore(directory)
         if item is not None:
             raise SurgeryError('Pass LoraRestore as args=LoraRestore(...), not positionally.')
-        return restore_planned(_prepare(directory, args), args.max_inflight_bytes)
+        return restore_planned(prepare_restore(directory, args), args.max_inflight_bytes)
 
 
 @ocp.args.register_with_handler(LoraCheckpointHandler, for_save=True)
@@ -268,10 +268,10 @@ def plan_lora_restore(directory: epath.PathLike, args: LoraRestore) -> Plan:
         >>> plan.steps[0].expr.describe()
         'base/w + 2 * adapters/w_lora_a @ adapters/w_lora_b'
     """
-    return _prepare(directory, args)[0]
+    return prepare_restore(directory, args)[0]
 
 
-def _prepare(directory: epath.PathLike, args: LoraRestore) -> Prepared:
+def prepare_restore(directory: epath.PathLike, args: LoraRestore) -> Prepared:
     """The plan of a `LoraRestore`, its source, and how to shape the result."""
     adapters = OrbaxCheckpoint(directory)  # Its metadata is read once, here.
     saved = _layout_of(adapters)

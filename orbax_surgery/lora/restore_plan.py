@@ -15,7 +15,7 @@ from orbax_surgery.lora.layout import LoraLayout
 from orbax_surgery.lora.merge import MergeAdapters
 from orbax_surgery.plan.plan import Plan
 from orbax_surgery.plan.resolve import Rules, normalize_rules, resolve
-from orbax_surgery.read.materialize import materialize
+from orbax_surgery.read.materialize import materialize_async, run_sync
 from orbax_surgery.rules.rule import Entry, Rule, Target, Tree
 from orbax_surgery.sources.namespaced import Namespaced
 from orbax_surgery.sources.source import ArraySource
@@ -93,11 +93,17 @@ def merge_rules(
 
 def restore_planned(prepared: Prepared, max_inflight_bytes: int) -> PyTree:
     """Runs what `plan_adapters` planned, and shapes the result."""
+    prepared[0].check()
+    return run_sync(restore_planned_async(prepared, max_inflight_bytes))
+
+
+async def restore_planned_async(prepared: Prepared, max_inflight_bytes: int) -> PyTree:
+    """`restore_planned` in a running event loop, for a plan already checked."""
     plan, source, finish = prepared
     # Each shard's update is a thin matmul (inner size = rank) on the reading thread;
     # BLAS threads would only spin against TensorStore's decoders (measured: 1.4x slower).
     with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
-        tree = materialize(plan, source, max_inflight_bytes=max_inflight_bytes)
+        tree = await materialize_async(plan, source, max_inflight_bytes)
     return finish(tree)
 
 

@@ -19,6 +19,7 @@ from orbax_surgery.errors import SurgeryError
 from orbax_surgery.keys import PyTree
 from orbax_surgery.orbax import manager_items
 from orbax_surgery.orbax.item_handler import PyTreeItemHandler, args_repr, reject_positional
+from orbax_surgery.plan.plan import Plan
 from orbax_surgery.plan.resolve import checked_rules, resolve
 from orbax_surgery.read.materialize import DEFAULT_MAX_INFLIGHT_BYTES, check_budget, materialize
 from orbax_surgery.read.verify import verified
@@ -119,6 +120,15 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         reject_positional(item, 'SurgeryRestore')
         if args is None:
             return self._impl.restore(directory)
+        plan, source = self.plan_restore(directory, args)
+        return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
+
+    def plan_restore(self, directory: epath.Path, args: SurgeryRestore) -> tuple[Plan, ArraySource]:
+        """The checked plan of a restore and the source it reads; reads no array data.
+
+        Raises:
+            SurgeryError: The plan's first error (the others attached as notes).
+        """
         source: ArraySource
         if is_safetensors(directory):
             source = SafetensorsCheckpoint(directory)
@@ -131,7 +141,8 @@ class SurgeryCheckpointHandler(PyTreeItemHandler):
         if args.verify:
             source = verified(source)
         plan = resolve(source.arrays, args.target, args.rules)
-        return materialize(plan, source, max_inflight_bytes=args.max_inflight_bytes)
+        plan.check()
+        return plan, source
 
 
 @ocp.args.register_with_handler(SurgeryCheckpointHandler, for_save=True)

@@ -66,7 +66,21 @@ def materialize(
         [[0, 3], [1, 4], [2, 5]]
     """
     plan.check()
-    values = run_sync(compute_leaves(plan.steps, source, max_inflight_bytes, on_bytes))
+    return run_sync(materialize_async(plan, source, max_inflight_bytes, on_bytes))
+
+
+async def materialize_async(
+    plan: Plan,
+    source: ArraySource,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    on_bytes: Progress | None = None,
+) -> Any:
+    """`materialize` in a running event loop, for a plan already checked.
+
+    Orbax v1 handlers plan and check in their blocking part and await this in
+    the background (see `orbax_surgery.orbax.v1_handler`).
+    """
+    values = await compute_leaves(plan.steps, source, max_inflight_bytes, on_bytes)
     return jax.tree_util.tree_unflatten(plan.treedef, [values[k] for k in plan.target_keys])
 
 
