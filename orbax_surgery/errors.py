@@ -73,7 +73,7 @@ class UnusedKeyError(SurgeryError):
         >>> osurg.apply_rules({'w': np.ones(2), 'opt': np.ones(2)}, {'w': ...})
         ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        orbax_surgery.errors.UnusedKeyError: 1 checkpoint keys ... add Drop('opt') as the first ...
+        orbax_surgery.errors.UnusedKeyError: 1 checkpoint key ... add Drop('opt') as the first ...
     """
 
 
@@ -96,7 +96,7 @@ class ShapeMismatchError(SurgeryError):
         >>> import numpy as np, orbax_surgery as osurg
         >>> osurg.apply_rules({'w': np.ones(2)}, {'w': np.zeros(3)})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        orbax_surgery.errors.ShapeMismatchError: Target 'w' has shape (3,), but 'w' gives (2,). ...
+        orbax_surgery.errors.ShapeMismatchError: Target 'w' has shape (3,), but 'w' gives (2,)...
     """
 
 

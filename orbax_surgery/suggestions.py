@@ -98,6 +98,9 @@ def covering_pattern(keys: Collection[str], others: Collection[str]) -> str:
     keys = sorted(set(keys))
     if not keys:
         raise ValueError('covering_pattern needs at least one key')
+    if not others:
+        return '.*'
+
     for pattern in _candidates(keys):
         compiled = re.compile(pattern)
         if all(compiled.fullmatch(k) for k in keys) and not any(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 
@@ -93,12 +94,13 @@ class DropPrefix:
         try:
             return self._rename.apply(tree, target)
         except UnmatchedKeyError:
-            heads = sorted({k.split(SEP, 1)[0] for k in tree if SEP in k})
+            heads = collections.Counter(k.split(SEP, 1)[0] for k in tree if SEP in k)
             near = close_matches(self.prefix, heads, 1)
-            error = UnmatchedKeyError(
-                f'{self.by}: no key starts with {self.prefix + SEP!r}.'
-                + (f' Did you mean {near[0]!r}?' if near else f' Top-level names: {heads}.')
-            )
+            if not near and heads:  # Another family's prefix: the one that holds most keys.
+                ((most, count),) = heads.most_common(1)
+                near = [most] if count > len(tree) / 2 else []
+            hint = f' Did you mean {near[0]!r}?' if near else f' Top-level names: {sorted(heads)}.'
+            error = UnmatchedKeyError(f'{self.by}: no key starts with {self.prefix + SEP!r}.{hint}')
             error.suggestions = tuple(
                 self.by.replace(f'drop_prefix={self.prefix!r}', f'drop_prefix={n!r}') for n in near
             )

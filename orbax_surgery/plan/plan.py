@@ -93,7 +93,7 @@ class Plan:
         Left unread by rules (1):
           Drop(pattern='opt/.*'): 'opt/mu'
         >>> osurg.resolve(src, {'Dense/w': ...}, rules[:1]).errors  # doctest: +ELLIPSIS
-        (UnusedKeyError("1 checkpoint keys are read by no target: 'opt/mu'. ..."),)
+        (UnusedKeyError("1 checkpoint key is read by no target: 'opt/mu'. ..."),)
     """
 
     steps: tuple[Step, ...]

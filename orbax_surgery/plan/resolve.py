@@ -117,7 +117,7 @@ def resolve(
     used = _refs(tree[k].expr for k in leaves if k in tree)
     unused = _unused(tree, sources, used, dropped)
     unused_error = _unused_error(unused, sources) if unused else None
-    errors = root_causes(failures, missing, mismatches, unused, unused_error, tuple(tree))
+    errors = root_causes(failures, missing, mismatches, unused, unused_error, tuple(tree), leaves)
     return Plan(
         steps=tuple(steps),
         sources=sources,
@@ -146,11 +146,13 @@ def _with_order_hint(
         except SurgeryError:  # A regex that times out: the error as it is.
             return error
         if hits:
-            return UnmatchedKeyError(
+            moved = UnmatchedKeyError(
                 f'{error} It matches {summarize(hits, 2)} as the keys were before rules[{i}] '
                 f'{rules[i]!r} changed them; rules run in order, so put rules[{at}] before '
                 f'rules[{i}].'
             )
+            moved.suggestions = (f'put rules[{at}] before rules[{i}]',)
+            return moved
     return error
 
 
@@ -306,7 +308,8 @@ def _unused_error(
     also = f' Renamed by the rules: {", ".join(renamed)}.' if renamed else ''
     drop = f'Drop({covering_pattern(keys, set(sources) - set(keys))!r})'
     error = UnusedKeyError(
-        f'{len(keys)} checkpoint keys are read by no target: {summarize(keys)}.{also} '
+        f'{len(keys)} checkpoint {"keys are" if len(keys) > 1 else "key is"} read by no target: '
+        f'{summarize(keys)}.{also} '
         f'If that is meant, add {drop} as the first rule; otherwise fix the rules.'
     )
     error.suggestions = (drop,)

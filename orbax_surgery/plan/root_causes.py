@@ -21,8 +21,10 @@ from collections.abc import Collection, Mapping, Sequence
 
 from orbax_surgery.errors import SurgeryError, UnmatchedKeyError
 from orbax_surgery.keys import KeyPath, summarize
-from orbax_surgery.suggestions import close_keys
+from orbax_surgery.suggestions import close_keys, covering_pattern
 
+_DIGITS = re.compile(r'\d+')
+_BACKREF = '\\1'
 _LAYER = re.compile(r'((?:^|/)(?:layers?|blocks?|h)[_/.])(\d+)(?=/|$)')
 
 
@@ -35,13 +37,22 @@ class _Root:
     more: str = ''
     suggestions: tuple[str, ...] | None = None
     missing: list[KeyPath] = dataclasses.field(default_factory=list)  # Targets it is about.
+    alike: bool = False  # Its targets are the same mistake again, not consequences.
 
     def built(self) -> SurgeryError:
         text = self.more
         if self.targets:
             n = len(self.targets)
-            text += f' And {n} target{"s" if n > 1 else ""} that follow from it: '
-            text += f'{summarize(self.targets, 3)}.'
+            how = (
+                'alike'
+                if self.alike
+                else 'that follow from it'
+                if n > 1
+                else 'that follows from it'
+            )
+            text += f' And {n} target{"s" if n > 1 else ""} {how}: {summarize(self.targets, 3)}.'
+        if self.suggestions and self.suggestions[0] not in f'{self.error}{text}':
+            text += f' Fix {"them all" if self.targets else "it"}: {self.suggestions[0]}.'
         if self.unread:
             n = len(self.unread)
             text += f' It leaves {n} checkpoint key{"s" if n > 1 else ""} unread: '
@@ -67,6 +78,7 @@ def root_causes(
     unused: tuple[tuple[KeyPath, KeyPath], ...],
     unused_error: SurgeryError | None,
     present: Collection[KeyPath],
+    targets: Collection[KeyPath] = (),
 ) -> tuple[SurgeryError, ...]:
     """The plan's errors, each a root cause with what follows from it folded under it.
 
@@ -78,6 +90,7 @@ def root_causes(
         unused: (checkpoint key, its name after the rules) that no target reads.
         unused_error: The error listing them.
         present: The keys after the rules.
+        targets: Every target key (a fix for a group covers only the group's keys).
     """
     roots = [_Root(f.error) for f in failures]
     outputs = [_output_pattern(f.rule) for f in failures]
@@ -97,6 +110,7 @@ def root_causes(
             unclaimed[key] = error
     roots += _missing_roots(unclaimed, present)
     groups: dict[str, _Root] = {}
+    keyed = {id(error): key for key, error, _ in mismatches}
     for key, error, kind in mismatches:
         if (root := blamed(key)) is not None:
             root.targets.append(key)
@@ -105,7 +119,13 @@ def root_causes(
             groups[kind].targets.append(key)
             groups[kind].followers.append(error)
         else:
-            groups[kind if kind != 'other' else key] = _Root(error)
+            groups[kind if kind != 'other' else key] = _Root(error, alike=True)
+    for root in groups.values():  # One fix for the group: its pattern covers the group.
+        if root.targets and root.error.suggestions:
+            keys = [keyed[id(root.error)], *root.targets]
+            cover = covering_pattern(keys, set(targets) - set(keys))
+            single = repr(re.escape(keys[0]))
+            root.suggestions = tuple(f.replace(single, repr(cover)) for f in root.error.suggestions)
     roots += groups.values()
     if unused_error is not None:
         owner = _owner_of_unused(roots, len(failures), failures, unused, present)
@@ -200,6 +220,12 @@ def _missing_roots(
         )
         followers = [missing[k] for k in extra]
         roots.append(_Root(error, suggestions=fixes, followers=followers, missing=extra))
+    for rule, keys in _layer_moves(rest, present).items():
+        error = rest[keys[0]]
+        root = _Root(error, suggestions=(rule, *error.suggestions), missing=keys, alike=True)
+        root.more = f' The checkpoint has them {"un" if rule[0] == "S" else ""}stacked: {rule}?'
+        root.targets, root.followers = keys[1:], [rest.pop(k) for k in keys][1:]
+        roots.append(root)
     by_change: dict[tuple[str, ...], list[tuple[KeyPath, str]]] = {}
     for key in rest:
         near = close_keys(key, present, 1)
@@ -207,9 +233,10 @@ def _missing_roots(
         by_change.setdefault(change or ('key', key), []).append((key, near[0] if near else ''))
     for change, pairs in by_change.items():
         first_key = pairs[0][0]
-        root = _Root(rest[first_key], missing=[k for k, _ in pairs])
-        if change[0] != 'key' and (rule := _rename_for(change, pairs, present)) is not None:
-            root.suggestions = (rule, *rest[first_key].suggestions[1:])
+        root = _Root(rest[first_key], missing=[k for k, _ in pairs], alike=True)
+        rename = _rename_for(change, pairs) if change[0] != 'key' else None
+        if rename is not None:
+            root.suggestions = (rename, *rest[first_key].suggestions[1:])
         for key, _ in pairs[1:]:
             root.targets.append(key)
             root.followers.append(rest[key])
@@ -218,14 +245,18 @@ def _missing_roots(
 
 
 def _change(key: KeyPath, near: KeyPath) -> tuple[str, ...] | None:
-    """How `near` differs from `key` when it is by one path component or a prefix."""
+    """How `near` differs from `key` when it is by one path component (numbers aside) or a
+    prefix, else None."""
     a, b = key.split('/'), near.split('/')
     if len(a) == len(b):
         differ = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
-        if len(differ) == 1 and not (_LAYER.search('/' + a[differ[0]])):
+        if len(differ) == 1:
             i = differ[0]
+            old, new = _DIGITS.sub('#', b[i]), _DIGITS.sub('#', a[i])
+            if old == new or old.count('#') != new.count('#'):
+                return None  # Another layer, or numbers that do not carry over.
             where = 'first' if i == 0 else 'last' if i == len(a) - 1 else 'middle'
-            return ('part', where, b[i], a[i])
+            return ('part', where, old, new)
     if len(b) > len(a) and b[len(b) - len(a) :] == a:
         return ('drop', '/'.join(b[: len(b) - len(a)]))
     if len(a) > len(b) and a[len(a) - len(b) :] == b:
@@ -233,17 +264,24 @@ def _change(key: KeyPath, near: KeyPath) -> tuple[str, ...] | None:
     return None
 
 
-def _rename_for(
-    change: tuple[str, ...], pairs: Sequence[tuple[KeyPath, KeyPath]], present: Collection[KeyPath]
-) -> str | None:
+def _rename_for(change: tuple[str, ...], pairs: Sequence[tuple[KeyPath, KeyPath]]) -> str | None:
     """One regex `Rename` that gives every target of `pairs` from its close key, else None."""
     if change[0] == 'part':
         _, where, old, new = change
-        o = re.escape(old)
+        if where == 'last' and {old, new} <= _HF_LEAVES:
+            return 'from_pytorch(...): PyTorch names and layouts (a weight is transposed too)'
+        numbers = old.count('#')
+        before = 1 if where != 'first' else 0  # A leading (.*) group.
+        o = r'(\d+)'.join(re.escape(p) for p in old.split('#'))
+        pieces = new.split('#')
+        n = ''.join(
+            p + (f'\\{before + j + 1}' if j < numbers else '') for j, p in enumerate(pieces)
+        )
+        last = f'\\{before + numbers + 1}'
         pattern, replacement = {
-            'first': (f'{o}/(.*)', f'{new}/\\1'),
-            'last': (f'(.*)/{o}', f'\\1/{new}'),
-            'middle': (f'(.*)/{o}/(.*)', f'\\1/{new}/\\2'),
+            'first': (f'{o}/(.*)', f'{n}/{last}'),
+            'last': (f'(.*)/{o}', f'\\1/{n}'),
+            'middle': (f'(.*)/{o}/(.*)', f'\\1/{n}/{last}'),
         }[where]
     elif change[0] == 'drop':
         pattern, replacement = f'{re.escape(change[1])}/(.*)', '\\1'
@@ -251,11 +289,34 @@ def _rename_for(
         pattern, replacement = '(.*)', f'{change[1]}/\\1'
     compiled = re.compile(pattern)
     for key, near in pairs:
-        if not compiled.fullmatch(near) or compiled.sub(replacement, near) != key:
+        match = compiled.fullmatch(near)
+        if match is None or match.expand(replacement) != key:
             return None
-    if change[0] == 'part' and change[1] == 'last' and {change[2], change[3]} <= _HF_LEAVES:
-        return 'from_pytorch(...): PyTorch names and layouts (a weight is transposed too)'
     return f'Rename({pattern!r}, {replacement!r})'
+
+
+def _layer_moves(
+    missing: Mapping[KeyPath, SurgeryError], present: Collection[KeyPath]
+) -> dict[str, list[KeyPath]]:
+    """Missing targets a forgotten `Unstack` or `Stack` would fill, by that rule."""
+    have = set(present)
+    moves: dict[str, list[KeyPath]] = {}
+    for key in missing:
+        parts = key.split('/')
+        for j, part in enumerate(parts):
+            head = ''.join(re.escape(p) + '/' for p in parts[:j])
+            unrolled = re.fullmatch(r'(.+)_\d+', part)
+            if unrolled and '/'.join([*parts[:j], unrolled[1], *parts[j + 1 :]]) in have:
+                name = head + re.escape(unrolled[1])
+                rule = f'Unstack({name + "/(.*)"!r}, {name + "_{i}/" + _BACKREF!r})'
+            elif '/'.join([*parts[:j], part + '_0', *parts[j + 1 :]]) in have:
+                name = head + re.escape(part)
+                rule = f'Stack({name + "_{i}/(.*)"!r}, {name + "/" + _BACKREF!r})'
+            else:
+                continue
+            moves.setdefault(rule, []).append(key)
+            break
+    return moves
 
 
 _HF_LEAVES = frozenset({'weight', 'kernel', 'scale', 'embedding'})

@@ -25,32 +25,31 @@ _MLP = re.compile(r'mlp|ffn|feed_forward|fc|up_proj|gate_proj|down_proj|wi|wo|in
 _ATTENTION = re.compile(r'q_proj|k_proj|v_proj|o_proj|query|key|value|attn|attention')
 
 
-def sizes_by_role(shapes: Shapes) -> dict[int, str]:
-    """Sizes that have a recognizable role in a tree of shapes: {64: 'hidden size', ...}."""
-    roles: dict[int, str] = {}
+def sizes_by_role(shapes: Shapes) -> dict[int, list[str]]:
+    """The roles each size plays in a tree of shapes, likeliest first: {64: ['hidden size',
+    'attention width'], ...}."""
+    roles: dict[int, list[str]] = collections.defaultdict(list)
     numbers = {int(m.group(1)) for k in shapes for m in _LAYER.finditer(k)}
     if numbers:
-        roles[max(numbers) + 1] = 'layer count'
+        roles[max(numbers) + 1].append('layer count')
     else:
         leading = collections.Counter(s[0] for k, s in shapes.items() if _STACKED.search(k) and s)
         if leading:
-            roles[leading.most_common(1)[0][0]] = 'layer count'
+            roles[leading.most_common(1)[0][0]].append('layer count')
     vocab = [max(s) for k, s in shapes.items() if _VOCAB.search(k) and len(s) >= 2]
     if vocab:
-        roles.setdefault(collections.Counter(vocab).most_common(1)[0][0], 'vocabulary size')
+        roles[collections.Counter(vocab).most_common(1)[0][0]].append('vocabulary size')
     norms = collections.Counter(s[-1] for k, s in shapes.items() if _NORM.search(k) and s)
     every = collections.Counter(d for s in shapes.values() for d in s)
     common = (norms or every).most_common(1)
     hidden = common[0][0] if common and (norms or common[0][1] >= 3) else None
     if hidden is not None:
-        roles.setdefault(hidden, 'hidden size')
+        roles[hidden].append('hidden size')
     for pattern, role in ((_MLP, 'MLP width'), (_ATTENTION, 'attention width')):
-        sizes = collections.Counter(
-            d for k, s in shapes.items() if pattern.search(k) for d in s if d != hidden
-        )
-        if sizes:
-            roles.setdefault(sizes.most_common(1)[0][0], role)
-    return roles
+        for size in sorted({d for k, s in shapes.items() if pattern.search(k) for d in s}):
+            if size != hidden or role == 'attention width':
+                roles[size].append(role)
+    return dict(roles)
 
 
 def shape_hint(
@@ -80,16 +79,22 @@ def shape_hint(
         if len(want) == len(got)
         else []
     )
-    if len(differ) != 1:
+    if not differ or len({(want[i], got[i]) for i in differ}) != 1:
         return '', (), 'other'
-    (axis,) = differ
+    axis = differ[0]  # One size differs, on one axis or several (a square kernel).
     w, g = want[axis], got[axis]
-    mine, theirs = sizes_by_role(target_shapes).get(w), sizes_by_role(source_shapes).get(g)
-    role = mine if mine == theirs or not theirs else theirs if not mine else None
+    mine = sizes_by_role(target_shapes).get(w, [])
+    theirs = sizes_by_role(source_shapes).get(g, [])
+    role = next((r for r in mine if r in theirs), None)
+    if role is None and not (mine and theirs) and (mine or theirs):
+        role = (mine or theirs)[0]
     if role is None:
-        text = f" Axis {axis}: {w} is the target's {mine}, {g} the checkpoint's {theirs}."
+        named = [f"{w} is the target's {mine[0]}"] if mine else []
+        named += [f"{g} the checkpoint's {theirs[0]}"] if theirs else []
+        text = f' Axis {axis}: {", ".join(named)}.' if named else ''
         return text, (), f'axis {axis} {w}!={g}'
-    text = f' Axis {axis} is the {role}: {w} in the target, {g} in the checkpoint'
+    where = f'Axis {axis} is' if len(differ) == 1 else f'Axes {", ".join(map(str, differ))} are'
+    text = f' {where} the {role}: {w} in the target, {g} in the checkpoint'
     kind = f'{role} {w}!={g}'
     if role == 'layer count':
         text += '.'

@@ -267,11 +267,23 @@ class Stack(_Layers):
         if leaf is None or leaf.shape is None or len(leaf.shape) != len(stacked.shape):
             return  # The plan reports missing keys and other shapes.
         if leaf.shape[axis] != stacked.shape[axis]:
-            raise ShapeMismatchError(
-                f'{self!r} stacks {stacked.shape[axis]} layers into {family!r} {stacked.shape}, '
-                f'but the target has {leaf.shape[axis]} along axis {axis} ({leaf.shape}). '
-                'Pass layers=[...] to choose which layers to stack.'
+            count = stacked.shape[axis]
+            layer = stacked.shape[:axis] + stacked.shape[axis + 1 :]
+            axes = [
+                a
+                for a in range(len(leaf.shape))
+                if leaf.shape[a] == count and leaf.shape[:a] + leaf.shape[a + 1 :] == layer
+            ]
+            fix = f'Pass layers=[...] to choose which {leaf.shape[axis]} layers to stack.'
+            if axes:
+                fix = f'The target stacks them on axis {axes[0]}: axis={axes[0]}.'
+            error = ShapeMismatchError(
+                f'{self!r} stacks {count} layers into {family!r} {stacked.shape}, '
+                f'but the target has {leaf.shape[axis]} along axis {axis} ({leaf.shape}). {fix}'
             )
+            if axes:
+                error.suggestions = (repr(dataclasses.replace(self, axis=axes[0])),)
+            raise error
 
 
 def _check_same_counts(rule: Stack, counts: dict[str, tuple[int, ...]]) -> None:

@@ -9,12 +9,13 @@ rule whose pattern matches nothing is an error, since it is almost always a typo
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from orbax_surgery.arrays import expr as ex
-from orbax_surgery.errors import UnmatchedKeyError
-from orbax_surgery.keys import KeyPath, KeyPattern, Skeleton, did_you_mean
+from orbax_surgery.errors import SurgeryError, UnmatchedKeyError
+from orbax_surgery.keys import SEP, KeyPath, KeyPattern, Skeleton, close_matches, did_you_mean
 from orbax_surgery.rules.target import TargetLeaf
 
 
@@ -30,6 +31,7 @@ class Entry:
 
 
 Tree = Mapping[KeyPath, Entry]
+_LITERAL_START = re.compile(r'[^\\.^$*+?{}\[\]|()]*')
 Target = Mapping[KeyPath, TargetLeaf]
 
 
@@ -77,11 +79,35 @@ class PatternRule:
     def _matching(self, keys: Sequence[KeyPath], what: str) -> list[tuple[KeyPath, Any]]:
         found = [(k, m) for k in keys if (m := self._re.fullmatch(k))]
         if not found:
-            raise UnmatchedKeyError(
-                f'{self!r} matches none of the {len(keys)} {what} keys.'
-                f'{did_you_mean(self.pattern, keys)}'
+            respelled = self._respelled(keys)
+            hint = (
+                f' Did you mean {respelled!r}?' if respelled else did_you_mean(self.pattern, keys)
             )
+            error = UnmatchedKeyError(
+                f'{self!r} matches none of the {len(keys)} {what} keys.{hint}'
+            )
+            error.suggestions = (repr(respelled),) if respelled else ()
+            raise error
         return found
+
+    def _respelled(self, keys: Sequence[KeyPath]) -> PatternRule | None:
+        """This rule with the literal start of its pattern spelled as the keys spell it, if
+        that makes it match: `Drop('opt_sate/.*')` -> `Drop('opt_state/.*')`."""
+        literal = _LITERAL_START.match(self.pattern).group(0)  # type: ignore[union-attr]
+        parts = literal.split(SEP)[:-1]  # Whole components only.
+        if not parts:
+            return None
+        depth = len(parts)
+        prefixes = {SEP.join(k.split(SEP)[:depth]) for k in keys if k.count(SEP) >= depth}
+        for near in close_matches(SEP.join(parts), prefixes, 3):
+            pattern = re.escape(near) + self.pattern[len(SEP.join(parts)) :]
+            try:
+                fixed = dataclasses.replace(self, pattern=pattern)
+            except SurgeryError:
+                continue
+            if any(fixed._re.fullmatch(k) for k in keys):
+                return fixed
+        return None
 
 
 def origin(key: KeyPath, entry: Entry) -> str:
