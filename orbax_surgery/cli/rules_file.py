@@ -36,6 +36,10 @@ from orbax_surgery.sources.source import ArraySource
 
 SUFFIXES = ('.toml', '.yaml', '.yml', '.py')
 _TOP_LEVEL = ('rules', 'target')
+_QUOTING = (
+    ' In {lang}, double quotes read backslashes as escapes: write regexes in single quotes, '
+    "'layers_(\\d+)/(.*)' and '\\1', which keep them as they are (or double each backslash)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,8 @@ def load_rules_file(path: epath.PathLike) -> RulesFile:
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
-            raise RuleError(f'{path} is not valid TOML: {e}.') from e
+            hint = _QUOTING.format(lang='TOML') if "Unescaped '\\'" in str(e) else ''
+            raise RuleError(f'{path} is not valid TOML: {e}.{hint}') from e
     elif suffix in ('.yaml', '.yml'):
         data = _load_yaml(path)
     else:
@@ -226,7 +231,8 @@ def _load_yaml(path: epath.Path) -> Any:
         mark = getattr(e, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-        raise RuleError(f'{path} is not valid YAML: {problem}{where}.') from e
+        hint = _QUOTING.format(lang='YAML') if 'escape' in problem else ''
+        raise RuleError(f'{path} is not valid YAML: {problem}{where}.{hint}') from e
 
 
 def _load_python(path: epath.Path) -> RulesFile:

@@ -127,6 +127,7 @@ def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
         raise RuleError(
             f"{where} is {entry!r}; a rule is a table with one kind, e.g. {{drop = 'opt/.*'}}."
         )
+    _check_no_top_level_keys(entry, where, path)
     if 'preset' in entry:
         return _preset(entry, where, path)
     if len(entry) > 1:
@@ -167,6 +168,22 @@ def read_entry(entry: Any, i: int, path: epath.Path) -> list[Rule] | LoraMerge:
     except RuleError as e:
         raise RuleError(f'{where}: {e}') from e
     return made if isinstance(made, LoraMerge) else [made]
+
+
+def _check_no_top_level_keys(entry: Mapping[str, Any], where: str, path: epath.Path) -> None:
+    """A top-level key (`target`) inside a rule: in TOML, written after a [[rules]] table."""
+    for key in ('target', 'rules'):
+        if key in entry:
+            move = (
+                f'keys after a [[rules]] table belong to it: move `{key} = ...` above the '
+                'first [[rules]]'
+                if path.suffix == '.toml'
+                else f'write `{key}:` at the top level, not indented under a rule'
+            )
+            raise RuleError(
+                f'{where} holds {key!r}, which is a top-level key of the file, not a rule '
+                f'option; {move}.'
+            )
 
 
 def _preset(entry: Mapping[str, Any], where: str, path: epath.Path) -> list[Rule]:
@@ -232,30 +249,55 @@ def _preset_option(option: str, value: Any, default: Any) -> Any:
     return _string(value)
 
 
+_ESCAPES = {'\b': 'backspace', '\t': 'tab', '\n': 'newline', '\f': 'form feed', '\r': 'return'}
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
-        raise BadValue(f'must be a string, not {value!r}.')
+        quoted = f"'{value}'" if isinstance(value, int | float) else repr(str(value))
+        raise BadValue(f'must be a string, not {value!r}: write it quoted, {quoted}.')
+    for char, name in _ESCAPES.items():
+        if char in value:
+            raise BadValue(
+                f'{value!r} holds a {name} character: double quotes read {char!r} as one. '
+                "Write regexes in single quotes ('\\b', '\\d+'), which keep backslashes."
+            )
     return value
 
 
 def _int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise BadValue(f'must be an integer, not {value!r}.')
+        fix = f': write {value.strip()} without quotes' if _is_int(value) else ''
+        raise BadValue(f'must be an integer, not {value!r}{fix}.')
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lstrip('-').isdigit()
 
 
 def read_ints(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
-        raise BadValue(f'must be a list of integers, not {value!r}.')
+        parts = value.strip('()[] ').split(',') if isinstance(value, str) else []
+        fix = ''
+        if parts and all(_is_int(p) for p in parts):
+            fix = f': write a list, [{", ".join(p.strip() for p in parts)}]'
+        elif isinstance(value, list) and all(_is_int(v) or isinstance(v, int) for v in value):
+            fix = (
+                f': write the numbers without quotes, [{", ".join(str(v).strip() for v in value)}]'
+            )
+        raise BadValue(f'must be a list of integers, not {value!r}{fix}.')
     return tuple(value)
 
 
 def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise BadValue(f"must be a list of strings, not {value!r}: write ['{value}'].")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadValue(f'must be a list of strings, not {value!r}.')
-    return tuple(value)
+    return tuple(_string(v) for v in value)
 
 
 def read_dtype(value: Any) -> Any:

@@ -232,6 +232,45 @@ ERRORS = [
     ('[target]\nw = 3', r"target 'w' is 3"),
     ('target = 3', r'target is 3'),
     ("[[rules]\ndrop = 'x'", r'is not valid TOML: .*line 1'),
+    # Quoting, misplaced top-level keys, and each option's type, with the fix.
+    (
+        '[[rules]]\nrename = { pattern = "layers_(\\d+)", replacement = "l_\\1" }',
+        r"Unescaped '\' in a string.*write regexes in single quotes, 'layers_(\d+)/(.*)'",
+    ),
+    (
+        '[[rules]]\ndrop = "\\bopt"',
+        r"rules[0] (drop): '\x08opt' holds a backspace character: double quotes read '\x08' "
+        'as one',
+    ),
+    (
+        "[[rules]]\ndrop = 'opt/.*'\ntarget = 'model:params'",
+        r"rules[0] holds 'target', which is a top-level key of the file, not a rule option; keys "
+        r'after a [[rules]] table belong to it: move `target = ...` above the first [[rules]].',
+    ),
+    (
+        "[[rules]]\npreset = 'from_pytorch'\ntarget = 'model:params'",
+        r"rules[0] holds 'target', which is a top-level key",
+    ),
+    (
+        "[[rules]]\nunstack = { pattern = 'l/(.*)', replacement = 'l_{i}/\\1', axis = '1' }",
+        r"must be an integer, not '1': write 1 without quotes.",
+    ),
+    (
+        "[[rules]]\ntranspose = { pattern = 'w', axes = '(1, 0)' }",
+        r"must be a list of integers, not '(1, 0)': write a list, [1, 0].",
+    ),
+    (
+        "[[rules]]\nreshape = { pattern = 'w', shape = ['4', '8'] }",
+        r"must be a list of integers, not ['4', '8']: write the numbers without quotes, [4, 8].",
+    ),
+    (
+        '[[rules]]\ndrop = { pattern = 3 }',
+        r"rules[0] (drop): must be a string, not 3: write it quoted, '3'.",
+    ),
+    (
+        "[[rules]]\nsplit = { pattern = 'qkv', replacements = 'q' }",
+        r"must be a list of strings, not 'q': write ['q'].",
+    ),
 ]
 
 
@@ -239,6 +278,17 @@ ERRORS = [
 def test_errors_name_the_rule_and_the_closest_names(tmp_path, text, message):
     with pytest.raises(RuleError, match=re.escape(message).replace(r'\.\*', '.*')):
         load_rules_file(write(tmp_path, text + '\n'))
+
+
+def test_yaml_quoting_and_misplaced_top_level_keys(tmp_path):
+    with pytest.raises(RuleError, match=r"unknown escape character 'd'.*In YAML, double quotes"):
+        load_rules_file(write(tmp_path, 'rules:\n  - drop: "layers_(\\d+)"\n', 'q.yaml'))
+    misplaced = "rules:\n  - drop: 'opt/.*'\n    target: 'model:params'\n"
+    with pytest.raises(RuleError, match=r'write `target:` at the top level, not indented'):
+        load_rules_file(write(tmp_path, misplaced, 'm.yaml'))
+    single = "rules:\n  - rename: {pattern: 'layers_(\\d+)/(.*)', replacement: 'l\\1/\\2'}\n"
+    (rename,) = load_rules_file(write(tmp_path, single, 's.yaml')).rules
+    assert rename.pattern == r'layers_(\d+)/(.*)' and rename.replacement == r'l\1/\2'
 
 
 def test_file_errors(tmp_path):
