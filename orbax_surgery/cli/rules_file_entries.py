@@ -267,7 +267,7 @@ def _string(value: Any) -> str:
 
 def _int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        fix = f': write {value.strip()} without quotes' if _is_int(value) else ''
+        fix = f': write {str(value).strip()} without quotes' if _is_int(value) else ''
         raise BadValue(f'must be an integer, not {value!r}{fix}.')
     return value
 
