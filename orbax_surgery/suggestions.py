@@ -10,7 +10,10 @@ that few candidates share (`k_proj`) counts more than one they all share
 
 from __future__ import annotations
 
+import collections
 import difflib
+import functools
+import heapq
 import math
 import re
 from collections.abc import Collection, Iterable, Sequence
@@ -23,26 +26,76 @@ _DIGITS = re.compile(r'\d+')
 def close_keys(key: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Up to `n` candidates that look like `key`, best first.
 
+    Fast on large trees: an index of the candidates' components (kept for the
+    last few candidate sets) finds those sharing a component with `key`, and
+    only the best of them are scored in full.
+
     Example:
         >>> close_keys('layers/k_proj/kernel',
         ...            ['layers/mlp/up_proj/weight', 'layers/self_attn/k_proj/weight',
         ...             'layers/self_attn/q_proj/weight', 'norm/weight'], n=2)
         ['layers/self_attn/k_proj/weight', 'layers/self_attn/q_proj/weight']
     """
-    pool = list(dict.fromkeys(candidates))
+    pool = tuple(dict.fromkeys(candidates))
     if not pool or n <= 0:
         return []
+    index = _index(pool)
     parts = key.split(SEP)
-    split = [c.split(SEP) for c in pool]
-    weights = [_rarity(p, split) for p in parts]
+    weights = [index.rarity(p) for p in parts]
+    bound: dict[int, float] = collections.defaultdict(float)
+    for part, weight in zip(parts, weights, strict=True):
+        if weight < 0.2:  # Shared by nearly every candidate: it ranks none above another.
+            continue
+        for comp, similarity in index.related(part):
+            for i in index.postings[comp]:
+                bound[i] += similarity * weight
+    best = heapq.nlargest(max(4 * n, 20), bound, key=bound.__getitem__)
     scored = []
-    for candidate, comps in zip(pool, split, strict=True):
-        score = _score(parts, comps, weights)
-        spelling = difflib.SequenceMatcher(None, key, candidate).ratio()
-        if score > 0 or spelling >= 0.5:
-            scored.append((-score, -spelling, candidate))
-    scored.sort()
-    return [c for *_, c in scored[:n]]
+    for i in best:
+        score = _score(parts, index.split[i], weights)
+        if score > 0:  # Ties go to the closer spelling (by letters shared: a cheap bound).
+            spelling = difflib.SequenceMatcher(None, key, pool[i]).quick_ratio()
+            scored.append((round(-score, 9), -spelling, pool[i]))
+    found = [c for *_, c in sorted(scored)[:n]]
+    if len(found) < n:  # Nothing shared: spelling alone (`unstak` for `unstack`).
+        rest = [c for c in pool if c not in found] if found else list(pool)
+        found += difflib.get_close_matches(key, rest, n - len(found), 0.5)
+    return found
+
+
+class _Index:
+    """A candidate set's components: which candidates hold each, and how rare each is."""
+
+    def __init__(self, pool: tuple[str, ...]):
+        self.split = [c.split(SEP) for c in pool]
+        self.postings: dict[str, list[int]] = collections.defaultdict(list)
+        for i, comps in enumerate(self.split):
+            for comp in dict.fromkeys(comps):
+                self.postings[comp].append(i)
+        self._related: dict[str, list[tuple[str, float]]] = {}
+        self._rarity: dict[str, float] = {}
+
+    def related(self, part: str) -> list[tuple[str, float]]:
+        """The candidates' components like `part`, with how alike."""
+        if part not in self._related:
+            found = [(c, s) for c in self.postings if (s := _similar(part, c)) > 0]
+            self._related[part] = found
+        return self._related[part]
+
+    def rarity(self, part: str) -> float:
+        """How much sharing `part` says: high for a component few candidates have."""
+        if part not in self._rarity:
+            holders: set[int] = set()
+            for comp, similarity in self.related(part):
+                if similarity >= 0.9:
+                    holders.update(self.postings[comp])
+            self._rarity[part] = math.log((len(self.split) + 1) / (len(holders) + 1)) + 0.1
+        return self._rarity[part]
+
+
+@functools.lru_cache(maxsize=8)
+def _index(pool: tuple[str, ...]) -> _Index:
+    return _Index(pool)
 
 
 def _score(parts: Sequence[str], comps: Sequence[str], weights: Sequence[float]) -> float:
@@ -60,6 +113,7 @@ def _score(parts: Sequence[str], comps: Sequence[str], weights: Sequence[float])
     return score - 0.05 * extra if score > 0 else 0.0
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _similar(a: str, b: str) -> float:
     if a == b:
         return 1.0
@@ -67,14 +121,11 @@ def _similar(a: str, b: str) -> float:
         return 0.9
     if _DIGITS.sub('#', a) == _DIGITS.sub('#', b):  # layers_3 for layers_0: same place.
         return 0.6
-    ratio = difflib.SequenceMatcher(None, a, b).ratio()
+    matcher = difflib.SequenceMatcher(None, a, b)
+    if matcher.real_quick_ratio() < 0.8 or matcher.quick_ratio() < 0.8:
+        return 0.0
+    ratio = matcher.ratio()
     return 0.5 * ratio if ratio >= 0.8 else 0.0
-
-
-def _rarity(part: str, candidates: Sequence[Sequence[str]]) -> float:
-    """How much sharing `part` says: high for a component few candidates have."""
-    shared = sum(any(_similar(part, c) >= 0.9 for c in comps) for comps in candidates)
-    return math.log((len(candidates) + 1) / (shared + 1)) + 0.1
 
 
 def generalized(key: str) -> str:

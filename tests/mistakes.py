@@ -176,6 +176,13 @@ MISTAKES = [
         "Fallback(pattern='value_head/w')",
     ),
     Mistake(
+        'a Hugging Face checkpoint with no rules',
+        'forgotten transpose',
+        lambda: (hf_llama(), flax_llama(), []),
+        osurg.UnmatchedKeyError,
+        "from_pytorch(drop_prefix='model')",
+    ),
+    Mistake(
         'PyTorch weights renamed by hand',
         'forgotten transpose',
         lambda: (

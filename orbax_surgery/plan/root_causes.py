@@ -231,10 +231,15 @@ def _missing_roots(
         near = close_keys(key, present, 1)
         change = _change(key, near[0]) if near else None
         by_change.setdefault(change or ('key', key), []).append((key, near[0] if near else ''))
-    for change, pairs in by_change.items():
+    singles = [pair for change, pairs in by_change.items() if change[0] == 'key' for pair in pairs]
+    if len(singles) > 1:  # No one mistake explains them: still one error, not one each.
+        by_change = {c: p for c, p in by_change.items() if c[0] != 'key'}
+        by_change[('key', singles[0][0])] = singles
+    order = {key: i for i, key in enumerate(rest)}
+    for change, pairs in sorted(by_change.items(), key=lambda item: order[item[1][0][0]]):
         first_key = pairs[0][0]
         root = _Root(rest[first_key], missing=[k for k, _ in pairs], alike=True)
-        rename = _rename_for(change, pairs) if change[0] != 'key' else None
+        rename = _rename_for(change, pairs) if change[0] != 'key' else _from_pytorch(pairs)
         if rename is not None:
             root.suggestions = (rename, *rest[first_key].suggestions[1:])
         for key, _ in pairs[1:]:
@@ -317,6 +322,19 @@ def _layer_moves(
             moves.setdefault(rule, []).append(key)
             break
     return moves
+
+
+def _from_pytorch(pairs: Sequence[tuple[KeyPath, KeyPath]]) -> str | None:
+    """`from_pytorch(...)` when Flax targets are closest to PyTorch names (`.../weight`)."""
+    flax = [near for key, near in pairs if key.rsplit('/', 1)[-1] in _HF_LEAVES - {'weight'}]
+    torch = [near for near in flax if near.endswith('/weight')]
+    if len(pairs) < 2 or len(torch) * 2 < len(pairs):
+        return None
+    heads = {near.split('/', 1)[0] for near in torch}
+    keys = {key.split('/', 1)[0] for key, _ in pairs}
+    if len(heads) == 1 and not heads & keys:
+        return f'from_pytorch(drop_prefix={heads.pop()!r})'
+    return 'from_pytorch()'
 
 
 _HF_LEAVES = frozenset({'weight', 'kernel', 'scale', 'embedding'})

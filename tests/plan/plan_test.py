@@ -111,16 +111,17 @@ def test_dtype_change_needs_a_cast_rule():
 
 def test_every_error_is_listed_and_check_raises_the_first_with_notes():
     plan = osurg.resolve(SOURCE, {'a': sds((1,)), 'b': sds((2,))}, [osurg.Drop('nothing')])
-    # The Drop that matched nothing leaves the keys it was for unread: one cause, then
-    # the two targets nothing fills.
-    assert [type(e) for e in plan.errors] == [osurg.UnmatchedKeyError] * 3
+    # The Drop that matched nothing leaves the keys it was for unread: one cause; then
+    # the two targets nothing fills, one error for both.
+    assert [type(e) for e in plan.errors] == [osurg.UnmatchedKeyError] * 2
     assert [type(e) for e in plan.errors[0].consequences] == [osurg.UnusedKeyError]
+    assert len(plan.errors[1].consequences) == 1 and plan.missing == ('a', 'b')
     with pytest.raises(osurg.UnmatchedKeyError) as info:
         plan.check()
-    assert len(info.value.__notes__) == 2
+    assert info.value.__notes__ == [f'Also: {plan.errors[1]}']
     with pytest.raises(osurg.UnmatchedKeyError) as again:
         plan.check()
-    assert len(again.value.__notes__) == 2
+    assert len(again.value.__notes__) == 1
 
 
 def test_ellipsis_and_no_target_infer_shapes_from_the_rules():
