@@ -28,7 +28,7 @@ from orbax_surgery.errors import (
 from orbax_surgery.keys import KeyPath, PyTree, close_matches, nest, summarize
 from orbax_surgery.plan.plan import Plan, Step
 from orbax_surgery.plan.root_causes import Failure, root_causes
-from orbax_surgery.plan.shape_hints import shape_hint
+from orbax_surgery.plan.shape_hints import shape_hint, sizes_by_role
 from orbax_surgery.rules.moves import Fallback
 from orbax_surgery.rules.orbax_transforms import OrbaxTransforms
 from orbax_surgery.rules.rule import Entry, Rule, stored_skeleton
@@ -196,12 +196,12 @@ class _Context:
     sources: Mapping[KeyPath, ex.Source]
 
     @functools.cached_property
-    def target_shapes(self) -> dict[KeyPath, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.leaves.items() if v.shape is not None}
+    def target_roles(self) -> dict[int, list[str]]:
+        return sizes_by_role({k: v.shape for k, v in self.leaves.items() if v.shape is not None})
 
     @functools.cached_property
-    def source_shapes(self) -> dict[KeyPath, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.sources.items()}
+    def source_roles(self) -> dict[int, list[str]]:
+        return sizes_by_role({k: v.shape for k, v in self.sources.items()})
 
 
 def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr, context: _Context | None = None) -> TargetLeaf:
@@ -218,7 +218,7 @@ def _resolve_leaf(leaf: TargetLeaf, value: ex.Expr, context: _Context | None = N
         fixes: tuple[str, ...] = ()
         if context is not None:
             hint, fixes, kind = shape_hint(
-                leaf.key, leaf.shape, value.shape, context.target_shapes, context.source_shapes
+                leaf.key, leaf.shape, value.shape, context.target_roles, context.source_roles
             )
         shape_error = ShapeMismatchError(
             f'Target {leaf.key!r} has shape {leaf.shape}, but {value.describe()!r} gives '

@@ -56,10 +56,13 @@ def shape_hint(
     key: str,
     want: tuple[int, ...],
     got: tuple[int, ...],
-    target_shapes: Shapes,
-    source_shapes: Shapes,
+    target_roles: Mapping[int, list[str]],
+    source_roles: Mapping[int, list[str]],
 ) -> tuple[str, tuple[str, ...], str]:
-    """A sentence on what differs, the fixes (best first), and a kind to group errors by."""
+    """A sentence on what differs, the fixes (best first), and a kind to group errors by.
+
+    `target_roles` and `source_roles` are `sizes_by_role` of either tree.
+    """
     pattern = re.escape(key)
     if len(want) > 1 and sorted(want) == sorted(got):
         perm = _permutation(got, want)
@@ -83,8 +86,7 @@ def shape_hint(
         return '', (), 'other'
     axis = differ[0]  # One size differs, on one axis or several (a square kernel).
     w, g = want[axis], got[axis]
-    mine = sizes_by_role(target_shapes).get(w, [])
-    theirs = sizes_by_role(source_shapes).get(g, [])
+    mine, theirs = list(target_roles.get(w, [])), list(source_roles.get(g, []))
     role = next((r for r in mine if r in theirs), None)
     if role is None and not (mine and theirs) and (mine or theirs):
         role = (mine or theirs)[0]
