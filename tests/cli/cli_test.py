@@ -178,9 +178,10 @@ def test_plan_text_json_errors_and_debug(root, tmp_path):
         'plan', root / '5' / 'default', '--rules', rules, '--target', f'{model}:abstract_params'
     )
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert 'Plan (1 error(s)): 8 target leaves' in result.stdout and 'Errors (1):' in result.stdout
+    assert 'Plan (1 error(s)): 8 target leaves' in result.stdout
+    assert 'Errors (1), causes first:' in result.stdout
     assert "Target 'layers_3/mlp/kernel' has shape (16, 8), but" in result.stdout
-    assert 'a Transpose rule?' in result.stdout
+    assert 'a forgotten transpose?' in result.stdout
 
     typo = write(
         tmp_path / 'typo.toml', "[[rules]]\nunstak = { pattern = 'a', replacement = 'b' }\n"

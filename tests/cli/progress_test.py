@@ -5,6 +5,7 @@ import asyncio
 import importlib.abc
 import io
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,22 @@ class Terminal(io.StringIO):
 
     def isatty(self):
         return True
+
+
+@pytest.fixture
+def python_handles_sigint():
+    """Python's own Ctrl-C handler, as at a terminal. A shell starts background jobs with
+    SIGINT ignored, and then Python installs none: nothing would be interrupted."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+# The command line as at a terminal: Python's Ctrl-C handler, whatever the parent ignored.
+AT_A_TERMINAL = (
+    'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+    'from orbax_surgery_cli import main; sys.exit(main(sys.argv[1:]))'
+)
 
 
 @pytest.fixture(scope='module')
@@ -164,7 +181,9 @@ class _DiesInterrupted:
         raise KeyboardInterrupt  # Where nothing can catch it, as in JAX's gc callback.
 
 
-def test_a_ctrl_c_lost_in_a_callback_is_delivered_again(src, capsys, monkeypatch):
+def test_a_ctrl_c_lost_in_a_callback_is_delivered_again(
+    src, capsys, monkeypatch, python_handles_sigint
+):
     def lost_then_busy(*args, **kwargs):
         _DiesInterrupted()
         deadline = time.monotonic() + 5
@@ -217,7 +236,7 @@ def test_sigint_in_a_real_convert(src, tmp_path):
     (tmp_path / 'rules.py').write_text(SIGINT_AT)
     argv = ['convert', src, tmp_path / 'out', '--rules', tmp_path / 'rules.py']
     argv += ['--max-inflight-bytes', '2K', '-q']
-    run = [sys.executable, '-m', 'orbax_surgery.cli', *map(str, argv)]
+    run = [sys.executable, '-c', AT_A_TERMINAL, *map(str, argv)]
     result = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130 and 'Traceback' not in result.stderr, result.stderr
     (line,) = lines(result.stderr)
