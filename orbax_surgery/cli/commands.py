@@ -76,7 +76,7 @@ def planned(args: argparse.Namespace, status: Status) -> Planned:
         status.show(f'reading the rules in {args.rules}')
     rules_file = load_rules_file(args.rules) if args.rules else RulesFile(epath.Path('.'))
     if args.preset:  # After the file's rules: a preset fills what they leave.
-        auto = ConfigPreset(layers=args.layers, config=args.config, direction=args.preset)
+        auto = ConfigPreset(args.layers, args.config, args.preset, to=args.layout)
         rules_file = dataclasses.replace(rules_file, rules=(*rules_file.rules, auto))
     target = rules_file.target
     if args.target:

@@ -257,7 +257,8 @@ def _convert_to_step(args: argparse.Namespace, location: str, status: Status) ->
             f'{locations.shown(step_dir)} is the source or holds it; write another --dst-step.'
         )
     start = time.monotonic()
-    with ocp.CheckpointManager(location) as manager:
+    items = {'item_names': (args.dst_item,)} if args.dst_item else {}
+    with ocp.CheckpointManager(location, **items) as manager:
         if args.dst_step in manager.all_steps():
             if not args.overwrite:
                 raise DestinationExistsError(
@@ -270,7 +271,10 @@ def _convert_to_step(args: argparse.Namespace, location: str, status: Status) ->
             manager.delete(args.dst_step)
         with _noted_on_interrupt(lambda: _unfinalized(location, args.dst_step)):
             with progress_bar(_nbytes(planned.plan), status, quiet=args.quiet) as bar:
-                manager.save(args.dst_step, args=_save_args(planned, args, bar))
+                save = _save_args(planned, args, bar)
+                if args.dst_item:
+                    save = ocp.args.Composite(**{args.dst_item: save})
+                manager.save(args.dst_step, args=save)
                 manager.wait_until_finished()
     return _written(shown, args, planned.plan, args.dst_step, start)
 

@@ -94,6 +94,8 @@ examples:
       --max-shard-size 2GB
   orbax-surgery convert /ckpts/base /ckpts/merged --rules merge_lora.toml --overwrite
   orbax-surgery convert ~/hf/llama /ckpts/run --dst-step 0 --rules import.toml
+  orbax-surgery convert ~/hf/Llama-3.1-8B /ckpts/llama-maxtext --preset import \\
+      --layout maxtext --layers stacked --dst-step 0 --dst-item items
 """
 
 _DEMO_HELP = """\
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == 'convert' and args.max_shard_size is not None and args.to != 'safetensors':
         parser.error('--max-shard-size is for --to safetensors.')
+    if args.command == 'convert' and args.dst_item and args.dst_step is None:
+        parser.error('--dst-item is for --dst-step (an item of a CheckpointManager step).')
+    if getattr(args, 'layout', 'flax') != 'flax' and not args.preset:
+        parser.error('--layout is for --preset: the layout a preset writes.')
     status = Status(quiet=getattr(args, 'quiet', False))
     try:
         with _interrupts_kept():
@@ -276,6 +282,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar='N',
         help='with --to orbax: DST is a CheckpointManager directory; write step N there',
     )
+    convert.add_argument(
+        '--dst-item',
+        metavar='NAME',
+        help="with --dst-step: the step's item to write (default: the manager's one item, "
+        "'default'); MaxText's converters write 'items'",
+    )
     convert.add_argument('--overwrite', action='store_true', help='replace an existing DST')
     convert.add_argument(
         '--checksums',
@@ -325,6 +337,12 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
         choices=('unrolled', 'stacked'),
         default='unrolled',
         help='with --preset: the Flax layers, layers_0/... or one stacked (scanned) layers/...',
+    )
+    parser.add_argument(
+        '--layout',
+        choices=('flax', 'maxtext'),
+        default='flax',
+        help="with --preset: the canonical Flax layout, or MaxText's parameter tree",
     )
     parser.add_argument(
         '--target',

@@ -92,15 +92,19 @@ class ConfigPreset:
             the Hugging Face source.
         direction: 'import' (Hugging Face -> Flax; also gives the target when
             none is given) or 'export' (Flax -> Hugging Face).
+        to: The layout: 'flax' (canonical) or 'maxtext' (MaxText's tree).
     """
 
     layers: str = 'unrolled'
     config: str | None = None
     direction: str = 'import'
+    to: str = 'flax'
 
     def __post_init__(self):
         if self.direction not in ('import', 'export'):
             raise RuleError(f"direction is 'import' or 'export', not {self.direction!r}.")
+        if self.to not in ('flax', 'maxtext'):
+            raise RuleError(f"to is 'flax' or 'maxtext', not {self.to!r}.")
 
     def preset(self, source: Any) -> Preset:
         where = self.config or getattr(source, 'directory', None)
@@ -109,7 +113,7 @@ class ConfigPreset:
                 f"preset = 'auto' reads the config.json beside a Hugging Face source, but "
                 f'{source!r} has none; give it: config = "path/to/config.json".'
             )
-        return preset(where, layers=self.layers)  # type: ignore[arg-type]
+        return preset(where, layers=self.layers, to=self.to)  # type: ignore[arg-type]
 
     def rules(self, source: Any) -> tuple[Rule, ...]:
         made = self.preset(source)
@@ -219,7 +223,7 @@ def _preset(entry: Mapping[str, Any], where: str, path: epath.Path) -> list[Rule
 
 def _config_preset(entry: Mapping[str, Any], where: str, path: epath.Path) -> Rule:
     options = {k: v for k, v in entry.items() if k != 'preset'}
-    known = ('layers', 'config', 'direction')
+    known = ('layers', 'config', 'direction', 'to')
     for option, value in options.items():
         if option not in known:
             raise RuleError(

@@ -182,6 +182,28 @@ def test_export_from_maxtext_gives_back_the_stored_tensors(saved, case, layers):
 
 
 @pytest.mark.slow
+def test_the_command_line_writes_maxtexts_layout_where_maxtext_reads_it(saved, tmp_path, capsys):
+    from orbax_surgery.cli import main as cli
+
+    path, _ = saved('llama3.1')
+    run = tmp_path / 'run'
+    args = [path, run, '--preset', 'import', '--layout', 'maxtext', '--layers', 'stacked']
+    args += ['--dst-step', '0', '--dst-item', 'items', '-q']
+    assert cli.main(['convert', *map(str, args)]) == 0
+    p = osurg.huggingface.preset(path, layers='stacked', to='maxtext')
+    want = osurg.restore(path, p.target, p.import_rules)
+    with ocp.CheckpointManager(run, item_names=('items',)) as manager:  # As MaxText loads it.
+        got = manager.restore(0, args=ocp.args.Composite(items=ocp.args.StandardRestore()))
+    flat_want, flat_got = flatten(want)[0], flatten(got['items'])[0]
+    assert sorted(flat_got) == sorted(flat_want)
+    for key, value in flat_want.items():
+        np.testing.assert_array_equal(np.asarray(flat_got[key]), np.asarray(value), err_msg=key)
+    with pytest.raises(SystemExit):
+        cli.main(['convert', str(path), str(tmp_path / 'x'), '--layout', 'maxtext'])
+    assert '--layout is for --preset' in capsys.readouterr().err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(MODELS))
 @pytest.mark.parametrize('layers', ['unrolled', 'stacked'])
 def test_maxtexts_own_forward_pass_gives_pytorchs_logits(saved, tmp_path, case, layers):

@@ -103,6 +103,15 @@ def test_preset_auto_in_a_rules_file(tmp_path):
     assert rules == (osurg.Drop('extra/.*'), *want)
     assert loaded.target_for(None) is None  # An export takes its target from the rules.
     assert loaded.export_config(None)['model_type'] == 'llama'
+    (tmp_path / 'maxtext.toml').write_text(
+        "[[rules]]\npreset = 'auto'\nlayers = 'stacked'\nconfig = 'model'\nto = 'maxtext'\n"
+    )
+    maxtext = load_rules_file(tmp_path / 'maxtext.toml')
+    want = osurg.huggingface.preset(LLAMA, layers='stacked', to='maxtext')
+    got_rules = maxtext.compose(source=None, target=None)[1]
+    assert list(map(repr, got_rules)) == list(map(repr, want.import_rules))
+    got = maxtext.target_for(None)['params']['params']['decoder']['layers']
+    assert got['self_attention']['query']['kernel'].shape == (64, 3, 4, 16)  # (E, L, H, D)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +120,7 @@ def test_preset_auto_in_a_rules_file(tmp_path):
         ("preset = 'auto'\nlayer = 'stacked'", "unknown option 'layer'; it takes layers, config"),
         ("preset = 'auto'\nlayers = 2", 'layers must be a string, not 2'),
         ("preset = 'auto'\ndirection = 'both'", "direction is 'import' or 'export', not 'both'"),
+        ("preset = 'auto'\nto = 'levanter'", "to is 'flax' or 'maxtext', not 'levanter'"),
         ("preset = 'autp'", "the presets are auto, from_pytorch, to_pytorch. Did you mean 'auto'"),
     ],
 )
