@@ -1,8 +1,28 @@
+import os
+import tempfile
+
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session', autouse=True)
+def temporary_files_under_pytest(tmp_path_factory):
+    """`tempfile.mkdtemp()` in doctests, README examples and worker processes lands under
+    pytest's base directory, which pytest prunes (it keeps the last three runs), instead of
+    piling up in /tmp run after run."""
+    where = str(tmp_path_factory.mktemp('tempfile'))
+    before = os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = where  # For subprocesses.
+    tempfile.tempdir = where  # For this process: gettempdir() has cached /tmp already.
+    yield
+    tempfile.tempdir = None
+    if before is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = before
 
 
 @pytest.fixture
