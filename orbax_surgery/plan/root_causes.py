@@ -246,7 +246,23 @@ def _missing_roots(
             root.targets.append(key)
             root.followers.append(rest[key])
         roots.append(root)
-    return roots
+    return _one_from_pytorch(roots, rest)
+
+
+def _one_from_pytorch(roots: list[_Root], errors: Mapping[KeyPath, SurgeryError]) -> list[_Root]:
+    """Where `from_pytorch(...)` fixes several groups (a head named `weight` for `kernel`,
+    the rest under a prefix), one error for all: the first suggests it with its prefix."""
+    torch = [r for r in roots if r.suggestions and r.suggestions[0].startswith('from_pytorch(')]
+    if len(torch) < 2:
+        return roots
+    keep = next((r for r in torch if 'drop_prefix' in (r.suggestions or ('',))[0]), torch[0])
+    merged = {id(r) for r in torch if r is not keep}
+    for other in torch:
+        if id(other) in merged:
+            keep.targets += other.missing
+            keep.followers += [errors[key] for key in other.missing]
+            keep.missing += other.missing
+    return [r for r in roots if id(r) not in merged]
 
 
 def _change(key: KeyPath, near: KeyPath) -> tuple[str, ...] | None:
