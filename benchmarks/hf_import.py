@@ -66,7 +66,7 @@ import sys
 import time
 from pathlib import Path
 
-from incompressible import random_float32
+from incompressible import INDEX, write_sharded_safetensors
 from measuring import (
     PeakRss,
     free_port,
@@ -84,7 +84,6 @@ LAYOUTS = {
 }
 PROCESSES, DEVICES = 2, 4
 TIMEOUT_S = 1800
-INDEX = 'model.safetensors.index.json'
 NAMES = {
     'surgery': '(a) osurg.restore + from_pytorch',
     'orbax': '(b) Orbax v1 safetensors load',
@@ -140,7 +139,7 @@ def main() -> None:
         if not (root / INDEX).exists():
             shutil.rmtree(root, ignore_errors=True)
             print(f'Writing {raw / 2**30:.2f} GiB of safetensors to {root} ...', flush=True)
-            _write(root, tensors, int(args.shard_mib * 2**20))
+            write_sharded_safetensors(root, tensors, int(args.shard_mib * 2**20))
         files = sorted(root.glob('*.safetensors'))
         stored = {f.name: f.stat().st_size for f in files}
         if not args.cold:
@@ -216,33 +215,6 @@ def _flax(name: str, shape: tuple[int, ...], layout: str) -> tuple[str, tuple[in
     key = f'{module}/kernel'
     row_parallel = layout == 'mixed' and re.fullmatch(ROW_PARALLEL, key)
     return key, shape[::-1], ('x', None) if row_parallel else (None, 'x')
-
-
-def _write(root: Path, tensors: dict, max_shard_bytes: int) -> None:
-    """Writes the tensors as transformers does: files in order, at most `max_shard_bytes`."""
-    from safetensors.numpy import save_file
-
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in tensors.items():
-        nbytes = 4 * math.prod(shape)
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    root.mkdir(parents=True, exist_ok=True)
-    seed = {name: i for i, name in enumerate(tensors)}
-    weight_map = {}
-    for n, names in enumerate(groups):
-        file = f'model-{n + 1:05d}-of-{len(groups):05d}.safetensors'
-        values = {name: random_float32(seed[name], tensors[name]) for name in names}
-        save_file(values, str(root / file), metadata={'format': 'pt'})
-        weight_map.update(dict.fromkeys(names, file))
-        del values
-    total = sum(4 * math.prod(shape) for shape in tensors.values())
-    meta = {'metadata': {'total_size': total}, 'weight_map': weight_map}
-    (root / INDEX).write_text(json.dumps(meta, indent=2))
 
 
 def _evict(files: list[Path]) -> None:

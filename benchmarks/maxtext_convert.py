@@ -59,7 +59,7 @@ import sys
 import time
 from pathlib import Path
 
-from incompressible import random_float32
+from incompressible import INDEX, write_sharded_safetensors
 from measuring import (
     PeakRss,
     free_port,
@@ -74,7 +74,6 @@ from measuring import (
 METHODS = ('surgery', 'numpy')
 PROCESSES, DEVICES = 2, 4
 TIMEOUT_S = 3600
-INDEX = 'model.safetensors.index.json'
 ITEM = 'items'
 NAMES = {
     'surgery': '(a) preset + SurgerySave (lazy)',
@@ -201,29 +200,8 @@ def _tensors(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 
 
 def _write(root: Path, tensors: dict, args: argparse.Namespace) -> None:
-    """The safetensors files in tensor order, about `args.files` of them, the index, config.json."""
-    from orbax_surgery.huggingface.safetensors_file import write_file
-
-    total = sum(4 * math.prod(shape) for shape in tensors.values())
-    per_file = math.ceil(total / args.files)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in tensors.items():
-        nbytes = 4 * math.prod(shape)
-        if groups[-1] and size + nbytes > per_file:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    """The safetensors files in tensor order, about `args.files` of them, config.json, the index."""
     root.mkdir(parents=True, exist_ok=True)
-    seed = {name: i for i, name in enumerate(tensors)}
-    weight_map = {}
-    for n, names in enumerate(groups):
-        file = f'model-{n + 1:05d}-of-{len(groups):05d}.safetensors'
-        values = {name: random_float32(seed[name], tensors[name]) for name in names}
-        write_file(root / file, values, metadata={'format': 'pt'})
-        weight_map.update(dict.fromkeys(names, file))
-        del values
     config = {
         'architectures': ['LlamaForCausalLM'],
         'model_type': 'llama',
@@ -242,9 +220,8 @@ def _write(root: Path, tensors: dict, args: argparse.Namespace) -> None:
         'torch_dtype': 'float32',
     }
     (root / 'config.json').write_text(json.dumps(config, indent=2))
-    # The index last: its presence says the checkpoint is complete (reused if present).
-    meta = {'metadata': {'total_size': total}, 'weight_map': weight_map}
-    (root / INDEX).write_text(json.dumps(meta, indent=2))
+    total = sum(4 * math.prod(shape) for shape in tensors.values())
+    write_sharded_safetensors(root, tensors, math.ceil(total / args.files))  # The index last.
 
 
 def _run_pair(args: argparse.Namespace, method: str, src: Path, dst: Path) -> list[dict]:
