@@ -29,3 +29,11 @@ def join(**initialize: object) -> Job:
         f'127.0.0.1:{port}', num_processes=int(count), process_id=int(process), **initialize
     )
     return Job(int(process), int(count), workdir, tuple(args))
+
+
+def file_bytes_read() -> int:
+    """Bytes TensorStore has read from local files in this process so far."""
+    import tensorstore as ts
+
+    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
+    return sum(v['value'] for m in metrics for v in m['values'])

@@ -11,13 +11,12 @@ import json
 import time
 
 import jax
-from job import join
+from job import file_bytes_read, join
 
 workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-import tensorstore as ts  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -45,11 +44,6 @@ def spread(shape, seed):
     exponent = np.uint32(127 - 16) + (bits >> 23) % np.uint32(32)
     bits = (bits & ~np.uint32(0x7F800000)) | (exponent << 23)
     return bits.view(np.float32)
-
-
-def bytes_read():
-    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-    return sum(v['value'] for m in metrics for v in m['values'])
 
 
 devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
@@ -172,9 +166,9 @@ plan = plan_lora_restore(adapter_dir, merge_args)
 assert not plan.errors, plan.errors
 
 start = time.perf_counter()
-before = bytes_read()
+before = file_bytes_read()
 merged = ocp.Checkpointer(LoraCheckpointHandler()).restore(adapter_dir, args=merge_args)
-read = bytes_read() - before
+read = file_bytes_read() - before
 merge_s = time.perf_counter() - start
 
 merged_flat = flatten(merged)[0]

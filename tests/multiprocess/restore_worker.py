@@ -3,13 +3,12 @@
 import json
 
 import jax
-from job import join
+from job import file_bytes_read, join
 
 workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-import tensorstore as ts  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -20,11 +19,6 @@ ROWS, COLS = 1024, 512
 
 def full(seed):
     return np.random.default_rng(seed).standard_normal((ROWS, COLS)).astype(np.float32)
-
-
-def bytes_read():
-    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-    return sum(v['value'] for m in metrics for v in m['values'])
 
 
 devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
@@ -62,11 +56,11 @@ rules = [
     osurg.Rename(r'encoder/embed/(.*)', r'Encoder/Embed/\1'),
 ]
 plan = osurg.plan_restore(f'{workdir}/run/1/default', target, rules)
-before = bytes_read()
+before = file_bytes_read()
 out = ocp.CheckpointManager(f'{workdir}/run').restore(
     1, args=osurg.SurgeryRestore(target=target, rules=rules)
 )
-read = bytes_read() - before
+read = file_bytes_read() - before
 
 checked = 0
 for got, name in [

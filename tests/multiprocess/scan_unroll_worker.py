@@ -9,13 +9,12 @@ layer split over all 8 devices, and reports what it read against what its shards
 import json
 
 import jax
-from job import join
+from job import file_bytes_read, join
 
 workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-import tensorstore as ts  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -35,11 +34,6 @@ def incompressible(shape, seed):
     exponent_full = (bits & 0x7F800000) == 0x7F800000
     bits = np.where(exponent_full, bits & ~np.uint32(0x40000000), bits)
     return bits.view(np.float32)
-
-
-def bytes_read():
-    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-    return sum(v['value'] for m in metrics for v in m['values'])
 
 
 devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
@@ -113,10 +107,10 @@ me, other = jax.process_index(), 1 - jax.process_index()
 plan = osurg.plan_restore(path, target, rules)
 assert not plan.errors, plan.errors
 
-before = bytes_read()
+before = file_bytes_read()
 with ocp.CheckpointManager(f'{workdir}/run') as manager:  # a new one: see README
     out = manager.restore(1, args=osurg.SurgeryRestore(target=target, rules=rules))
-read = bytes_read() - before
+read = file_bytes_read() - before
 
 checked = 0
 for name, want in expected.items():

@@ -3,24 +3,18 @@
 import json
 
 import jax
-from job import join
+from job import file_bytes_read, join
 
 workdir = join().workdir
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint.experimental.v1 as v1  # noqa: E402
-import tensorstore as ts  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import orbax_surgery as osurg  # noqa: E402
 
 ROWS, COLS = 1024, 512
-
-
-def bytes_read():
-    metrics = ts.experimental_collect_matching_metrics('/tensorstore/kvstore/file/bytes_read')
-    return sum(v['value'] for m in metrics for v in m['values'])
 
 
 devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
@@ -51,9 +45,9 @@ stacked = osurg.SurgeryRestore(
 )
 with v1.training.Checkpointer(f'{workdir}/run') as ckptr:
     ckptr.save_checkpointables(1, {'params': plain, 'scanned': scanned})
-    before = bytes_read()
+    before = file_bytes_read()
     out = ckptr.load_checkpointables(1, {'params': restore})['params']
-    read = bytes_read() - before
+    read = file_bytes_read() - before
     back = ckptr.load_checkpointables(1, {'scanned': stacked})['scanned']
 
 got = out['Encoder']['kernel']
