@@ -81,6 +81,16 @@ def stacked(tree_keys, count):
     return {k: S((count, *v.shape), v.dtype) for k, v in tree_keys.items()}
 
 
+BLOCK = {'w': S((8, 8), F32), 'b': S((8,), F32)}
+
+
+def block_layers(count=4, stack=False):
+    """A block's `w` and `b`, one `layers_{i}/...` per layer or stacked as `layers/...`."""
+    if stack:
+        return stacked({f'layers/{n}': v for n, v in BLOCK.items()}, count)
+    return {f'layers_{i}/{n}': v for i in range(count) for n, v in BLOCK.items()}
+
+
 def fp(**kwargs):
     return osurg.huggingface.from_pytorch(**kwargs)
 
@@ -227,12 +237,8 @@ MISTAKES = [
         'a scanned checkpoint into an unrolled model, no Unstack',
         'scan/unroll',
         lambda: (
-            stacked({'layers/w': S((8, 8), F32), 'layers/b': S((8,), F32)}, 4),
-            {
-                f'layers_{i}/{n}': S(s, F32)
-                for i in range(4)
-                for n, s in (('w', (8, 8)), ('b', (8,)))
-            },
+            block_layers(stack=True),
+            block_layers(),
             [],
         ),
         osurg.UnmatchedKeyError,
@@ -242,12 +248,8 @@ MISTAKES = [
         'an unrolled checkpoint into a scanned model, no Stack',
         'scan/unroll',
         lambda: (
-            {
-                f'layers_{i}/{n}': S(s, F32)
-                for i in range(4)
-                for n, s in (('w', (8, 8)), ('b', (8,)))
-            },
-            stacked({'layers/w': S((8, 8), F32), 'layers/b': S((8,), F32)}, 4),
+            block_layers(),
+            block_layers(stack=True),
             [],
         ),
         osurg.UnmatchedKeyError,
