@@ -102,10 +102,12 @@ def resolve(
     missing: dict[KeyPath, SurgeryError] = {}
     mismatches: list[tuple[KeyPath, SurgeryError, str]] = []
     context = _Context(leaves, sources)
+    closest: dict[KeyPath, list[KeyPath]] = {}  # Each missing target's closest keys.
     for key, leaf in leaves.items():
         entry = tree.get(key)
         if entry is None:
-            missing[key] = _missing(key, tree, sources)
+            closest[key] = close_matches(key, tree, 3)
+            missing[key] = _missing(key, closest[key] or close_matches(key, sources, 3))
             continue
         try:
             steps.append(Step(_resolve_leaf(leaf, entry.expr, context), entry.expr, entry.via))
@@ -117,7 +119,9 @@ def resolve(
     used = _refs(tree[k].expr for k in leaves if k in tree)
     unused = _unused(tree, sources, used, dropped)
     unused_error = _unused_error(unused, sources) if unused else None
-    errors = root_causes(failures, missing, mismatches, unused, unused_error, tuple(tree), leaves)
+    errors = root_causes(
+        failures, missing, mismatches, unused, unused_error, tuple(tree), leaves, closest
+    )
     return Plan(
         steps=tuple(steps),
         sources=sources,
@@ -268,10 +272,8 @@ def _x64_hint(dtype: np.dtype) -> str:
     return f' (it would silently become {canonical}: jax_enable_x64 is off)'
 
 
-def _missing(
-    key: KeyPath, tree: Mapping[KeyPath, Entry], sources: Mapping[KeyPath, ex.Source]
-) -> UnmatchedKeyError:
-    near = close_matches(key, tree, 3) or close_matches(key, sources, 3)
+def _missing(key: KeyPath, near: Sequence[KeyPath]) -> UnmatchedKeyError:
+    """The error for a target nothing fills; `near` are the closest keys, best first."""
     keep = f'{Fallback(key)!r}'
     if near:
         rename = f'Rename({re.escape(near[0])!r}, {key!r})'

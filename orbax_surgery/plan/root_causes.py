@@ -79,6 +79,7 @@ def root_causes(
     unused_error: SurgeryError | None,
     present: Collection[KeyPath],
     targets: Collection[KeyPath] = (),
+    closest: Mapping[KeyPath, Sequence[KeyPath]] | None = None,
 ) -> tuple[SurgeryError, ...]:
     """The plan's errors, each a root cause with what follows from it folded under it.
 
@@ -91,7 +92,11 @@ def root_causes(
         unused_error: The error listing them.
         present: The keys after the rules.
         targets: Every target key (a fix for a group covers only the group's keys).
+        closest: Each missing target's closest keys in `present`, best first, where
+            the caller has them already (else they are looked up here).
     """
+    if closest is None:
+        closest = {key: close_keys(key, present, 1) for key in missing}
     roots = [_Root(f.error) for f in failures]
     outputs = [_output_pattern(f.rule) for f in failures]
 
@@ -108,7 +113,7 @@ def root_causes(
             root.followers.append(error)
         else:
             unclaimed[key] = error
-    roots += _missing_roots(unclaimed, present)
+    roots += _missing_roots(unclaimed, present, closest)
     groups: dict[str, _Root] = {}
     keyed = {id(error): key for key, error, _ in mismatches}
     for key, error, kind in mismatches:
@@ -128,7 +133,7 @@ def root_causes(
             root.suggestions = tuple(f.replace(single, repr(cover)) for f in root.error.suggestions)
     roots += groups.values()
     if unused_error is not None:
-        owner = _owner_of_unused(roots, len(failures), failures, unused, present)
+        owner = _owner_of_unused(roots, len(failures), failures, unused, closest)
         if owner is None:
             roots.append(_Root(unused_error))
         else:
@@ -142,7 +147,7 @@ def _owner_of_unused(
     failed: int,
     failures: Sequence[Failure],
     unused: tuple[tuple[KeyPath, KeyPath], ...],
-    present: Collection[KeyPath],
+    closest: Mapping[KeyPath, Sequence[KeyPath]],
 ) -> _Root | None:
     """The root that unread keys follow from: a failed rule that left targets empty (or
     matched nothing), else the missing targets whose closest keys they are."""
@@ -153,9 +158,7 @@ def _owner_of_unused(
         return owner
     renamed = {new for _, new in unused}
     for root in roots[failed:]:
-        if root.missing and any(
-            (near := close_keys(k, present, 1)) and near[0] in renamed for k in root.missing
-        ):
+        if root.missing and any(closest[k] and closest[k][0] in renamed for k in root.missing):
             return root
     return None
 
@@ -192,7 +195,9 @@ def _template_regex(template: str) -> str:
 
 
 def _missing_roots(
-    missing: Mapping[KeyPath, SurgeryError], present: Collection[KeyPath]
+    missing: Mapping[KeyPath, SurgeryError],
+    present: Collection[KeyPath],
+    closest: Mapping[KeyPath, Sequence[KeyPath]],
 ) -> list[_Root]:
     """Missing targets as few roots as the mistakes behind them: extra layers, one renamed part."""
     roots: list[_Root] = []
@@ -228,7 +233,7 @@ def _missing_roots(
         roots.append(root)
     by_change: dict[tuple[str, ...], list[tuple[KeyPath, str]]] = {}
     for key in rest:
-        near = close_keys(key, present, 1)
+        near = closest[key]
         change = _change(key, near[0]) if near else None
         by_change.setdefault(change or ('key', key), []).append((key, near[0] if near else ''))
     singles = [pair for change, pairs in by_change.items() if change[0] == 'key' for pair in pairs]
