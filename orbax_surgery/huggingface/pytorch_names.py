@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 
 from orbax_surgery.errors import RuleError, UnmatchedKeyError
@@ -79,8 +80,8 @@ class DropPrefix:
     by: str
     fills_any_target = True
 
-    @property
-    def _rename(self) -> Rename:
+    @functools.cached_property
+    def _rename(self) -> Rename:  # Built (its regex compiled) once per rule.
         return Rename(f'{re.escape(self.prefix)}/(.*)', r'\1')
 
     @property
